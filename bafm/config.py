@@ -1,0 +1,330 @@
+"""Experiment configuration: one dataclass per component, merged with OmegaConf.
+
+Merge order: dataclass defaults -> ``experiments/<name>.yaml`` -> CLI dotlist overrides.
+Every key is validated against the schema before any work starts: an unknown key names the
+closest valid ones, a wrong type names the key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not match the schema."""
+
+
+@dataclass
+class DataConfig:
+    """Latent shards (reading) and their preparation (``bafm data``)."""
+
+    dataset: str = "digits"  # shards live in <root>/<dataset>/<split>-%06d.tar
+    root: str = "data"
+    batch_size: int = 64
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    use_flip: bool = True  # pick the flipped moments with probability 0.5 when present
+    on_error: str = "raise"  # raise | skip: what a corrupt sample or shard does
+    # Preparation (``bafm data``).
+    source: str = "digits"  # digits | folder
+    image_dir: str = ""  # ImageNet-style folder (class sub-folders) for source=folder
+    list_file: str = ""  # optional "relative/path.jpg <label>" lines instead of sub-folders
+    resolution: int = 256  # ADM center crop + resize
+    vae_path: str = ""  # diffusers AutoencoderKL folder or single .safetensors file
+    vae_scaling_factor: float = 0.18215
+    encode_batch_size: int = 64
+    samples_per_shard: int = 1000
+    split: str = "train"  # split written by ``bafm data`` for source=folder
+    digits_size: int = 16  # digits are upsampled from 8x8 to this size
+    val_fraction: float = 0.2  # digits held-out split, fixed by ``seed``
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen flow-matching backbone."""
+
+    path: str = "checkpoints/digits/backbone.safetensors"
+    arch: str = "SiT-S/2"
+    source: str = "repa"  # repa (t=1 noise) | sit (t=0 noise, adapted in the loader)
+    # Architecture overrides for non-registry sizes (None keeps the registry's value).
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    compile: bool = False
+
+
+@dataclass
+class SideNetConfig:
+    """Trainable SideNet (paper release defaults)."""
+
+    path: str = ""  # trained SideNet for sampling/eval; empty: checkpoints/<name>/sidenet.safetensors
+    channels: int = 256
+    emb_dim: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    compile: bool = False
+
+
+@dataclass
+class LossConfig:
+    """BA chain-rollout loss."""
+
+    links: int = 8  # K: chain links per sample
+    offset_rate: float = 50.0  # rate of the truncated exponential for |h|
+    p_backward: float = 0.5  # probability of a negative (toward noise) offset
+    label_dropout: float = 0.1  # CFG null-class probability
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + EMA of the SideNet."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9996
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Options passed to ``lightning.Trainer``."""
+
+    accelerator: str = "auto"
+    devices: Any = 1  # int, list of ids or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
+    max_steps: int = 1000
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 200
+    resume: str = ""  # "" | "last" | path to a .ckpt
+    fast_dev_run: bool = False
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    """How samples are drawn: guidance and the time grid."""
+
+    cfg_scale: float = 1.0  # 1.0: no guidance
+    guidance_interval: List[float] = field(default_factory=lambda: [0.0, 0.7])  # CFG for t in (lo, hi]
+    grid: str = "uniform"  # uniform | shifted
+    shift: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """NFE sweep: solvers, budgets, metrics and outputs."""
+
+    solvers: List[str] = field(
+        default_factory=lambda: ["ba", "euler", "heun", "midpoint", "ab2", "dpm++2m"]
+    )
+    budgets: Dict[str, List[int]] = field(
+        default_factory=lambda: {
+            "ba": [3, 4, 5, 6, 7, 8, 10],
+            "ba-single": [3, 4, 5, 6, 7, 8, 10],
+            "euler": [5, 10, 20, 50, 100, 200],
+            "heun": [4, 6, 8, 10, 12, 16, 20],
+            "midpoint": [4, 6, 8, 10, 12, 16, 20],
+            "rk4": [4, 8, 12, 16, 20],
+            "ab2": [4, 5, 6, 8, 10, 12, 16, 20],
+            "dpm++2m": [4, 5, 6, 8, 10, 12, 16, 20],
+        }
+    )
+    num_samples: int = 1000
+    batch_size: int = 250
+    seed: int = 0  # per-sample seeds are seed + sample index
+    feature_extractor: str = "classifier"  # classifier | inception
+    classifier_path: str = "checkpoints/digits/classifier.safetensors"
+    inception_weights: str = ""  # local torch-fidelity inception-v3-compat weights
+    reference_stats: str = ""  # .npz: ADM VIRTUAL_*.npz or bafm's own statistics
+    reference_rtol: float = 1e-5
+    reference_atol: float = 1e-5
+    out_dir: str = ""  # empty: runs/<name>/nfe_sweep
+    save_npz: bool = False
+    grid_images: int = 64
+    # Training-time sweep (NFESweepCallback).
+    every_n_steps: int = 500
+    callback_solvers: List[str] = field(default_factory=lambda: ["ba", "euler"])
+    callback_budgets: List[int] = field(default_factory=lambda: [5, 10])
+    callback_num_samples: int = 500
+
+
+@dataclass
+class BackboneTrainConfig:
+    """``bafm backbone``: flow-matching training of the embedded default's small SiT."""
+
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    out: str = "checkpoints/digits/backbone.safetensors"
+    classifier_steps: int = 1500
+    classifier_out: str = "checkpoints/digits/classifier.safetensors"
+
+
+@dataclass
+class EditConfig:
+    """``bafm edit``: inversion and regeneration under another class."""
+
+    indices: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
+    image_dir: str = ""  # folder of images instead of dataset indices
+    source_class: Optional[int] = None  # None: the dataset label
+    target_class: int = 0
+    solvers: List[str] = field(default_factory=lambda: ["ba", "euler", "heun"])
+    budgets: Dict[str, List[int]] = field(
+        default_factory=lambda: {"ba": [5, 10], "euler": [10, 50, 100], "heun": [10, 50, 100]}
+    )
+    out_dir: str = ""  # empty: runs/<name>/edit
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment."""
+
+    name: str = "digits"
+    seed: int = 0
+    runs_dir: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sidenet: SideNetConfig = field(default_factory=SideNetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    backbone_train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+
+
+# Dict-valued keys whose experiment value replaces the default instead of merging into it.
+_OPEN_DICTS = {"eval.budgets", "edit.budgets"}
+
+
+def _check_keys(schema: DictConfig, given: Any, where: str, prefix: str = "") -> None:
+    """Raise ConfigError for keys in ``given`` that the schema does not have."""
+    if not isinstance(given, (dict, DictConfig)):
+        return
+    valid = list(schema.keys())
+    for key in given.keys():
+        full = f"{prefix}{key}"
+        if full in _OPEN_DICTS:
+            continue
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), [str(k) for k in valid], n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown config key '{full}'.{hint} "
+                f"Valid keys here: {', '.join(prefix + str(k) for k in valid)}."
+            )
+        child = schema._get_node(key)
+        if isinstance(child, DictConfig):
+            _check_keys(child, given[key], where, prefix=f"{full}.")
+
+
+def _merge(base: DictConfig, update: DictConfig, where: str) -> DictConfig:
+    _check_keys(base, update, where)
+    for key in _OPEN_DICTS:
+        if OmegaConf.select(update, key, default=None) is not None:
+            OmegaConf.update(base, key, {}, merge=False)
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        message = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{where}: bad value for '{key}': {message}.") from None
+
+
+def load_config(
+    experiment: Optional[str | Path] = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Build the experiment config.
+
+    Args:
+        experiment: path to an experiment YAML, or None for the defaults.
+        overrides: OmegaConf dotlist entries such as ``"trainer.max_steps=10"``.
+
+    Returns:
+        A validated, read-only structured config (typed like ``ExperimentConfig``).
+
+    Raises:
+        ConfigError: unknown key, wrong type or unreadable file, naming the culprit.
+    """
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if experiment:
+        path = Path(experiment)
+        if not path.is_file():
+            available = sorted(p.name for p in Path("experiments").glob("*.yaml"))
+            raise ConfigError(f"experiment file '{path}' not found. Available: {', '.join(available)}.")
+        try:
+            exp = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+        if not isinstance(exp, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(exp).__name__}.")
+        cfg = _merge(cfg, exp, str(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override '{bad[0]}' is not of the form key=value.")
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
+        cfg = _merge(cfg, dot, "command-line override")
+    _validate_values(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]
+
+
+def _validate_values(cfg: DictConfig) -> None:
+    """Check enumerated string values, which OmegaConf types cannot express."""
+    choices = {
+        "data.on_error": ("raise", "skip"),
+        "data.source": ("digits", "folder"),
+        "backbone.source": ("repa", "sit"),
+        "sampling.grid": ("uniform", "shifted"),
+        "eval.feature_extractor": ("classifier", "inception"),
+    }
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' is '{value}', expected one of: {', '.join(allowed)}.")
+    interval = list(cfg.sampling.guidance_interval)
+    if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
+        raise ConfigError(
+            f"'sampling.guidance_interval' is {interval}, expected [lo, hi] with 0 <= lo < hi <= 1."
+        )
+
+
+def to_container(cfg: Any) -> Dict[str, Any]:
+    """Plain-dict view of a config (for logging and export)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    """``runs/<experiment>``."""
+    return Path(cfg.runs_dir) / cfg.name
+
+
+def checkpoint_dir(cfg: ExperimentConfig) -> Path:
+    """``checkpoints/<experiment>``."""
+    return Path(cfg.checkpoints_dir) / cfg.name
+
+
+def sidenet_path(cfg: ExperimentConfig) -> Path:
+    """The SideNet used for sampling: ``sidenet.path`` or the experiment's exported EMA weights."""
+    return Path(cfg.sidenet.path) if cfg.sidenet.path else checkpoint_dir(cfg) / "sidenet.safetensors"

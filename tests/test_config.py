@@ -1,0 +1,78 @@
+"""Config system: defaults -> experiment YAML -> overrides, with errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from bafm.config import ConfigError, ExperimentConfig, load_config
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+def test_there_are_experiments():
+    names = {p.name for p in EXPERIMENTS}
+    assert {"digits.yaml", "imagenet256_sit_xl2.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_instantiates(path):
+    cfg = load_config(path)
+    assert OmegaConf.get_type(cfg) is ExperimentConfig
+    assert cfg.name == path.stem
+    for solver in cfg.eval.solvers:
+        assert solver in cfg.eval.budgets, f"{path.name}: no budgets for {solver}"
+
+
+def test_merge_order_defaults_yaml_overrides(tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text("name: e\ntrainer:\n  max_steps: 7\n  log_every_n_steps: 3\n")
+    cfg = load_config(exp, ["trainer.max_steps=11"])
+    assert cfg.trainer.max_steps == 11  # override wins
+    assert cfg.trainer.log_every_n_steps == 3  # yaml wins over default
+    assert cfg.trainer.checkpoint_every_n_steps == ExperimentConfig().trainer.checkpoint_every_n_steps
+
+
+def test_budgets_in_an_experiment_replace_the_defaults(tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text("eval:\n  budgets:\n    ba: [5]\n")
+    cfg = load_config(exp)
+    assert dict(cfg.eval.budgets) == {"ba": [5]}
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.max_step'.*trainer.max_steps"):
+        load_config(None, ["trainer.max_step=3"])
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    exp = tmp_path / "bad.yaml"
+    exp.write_text("optim:\n  lr: 1e-3\n  emma_decay: 0.9\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'optim.emma_decay'.*optim.ema_decay"):
+        load_config(exp)
+
+
+def test_wrong_type_names_key_value_and_type():
+    with pytest.raises(ConfigError, match=r"trainer.max_steps.*'abc'.*Integer"):
+        load_config(None, ["trainer.max_steps=abc"])
+
+
+def test_bad_choice_lists_allowed():
+    with pytest.raises(ConfigError, match=r"data.on_error.*raise, skip"):
+        load_config(None, ["data.on_error=ignore"])
+
+
+def test_bad_guidance_interval():
+    with pytest.raises(ConfigError, match="guidance_interval"):
+        load_config(None, ["sampling.guidance_interval=[0.8,0.2]"])
+
+
+def test_missing_experiment_file_lists_available():
+    with pytest.raises(ConfigError, match=r"not found. Available: .*digits.yaml"):
+        load_config("experiments/nope.yaml")
+
+
+def test_config_is_read_only():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.trainer.max_steps = 3
