@@ -31,6 +31,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     use_flip: bool = True  # pick the flipped moments with probability 0.5 when present
     on_error: str = "raise"  # raise | skip: what a corrupt sample or shard does
+    verify_checksums: bool = False  # check each shard's sha256 against the manifest when read
     # Preparation (``bafm data``).
     source: str = "digits"  # digits | folder
     image_dir: str = ""  # ImageNet-style folder (class sub-folders) for source=folder
@@ -149,9 +150,13 @@ class EvalConfig:
     reference_stats: str = ""  # .npz: ADM VIRTUAL_*.npz or bafm's own statistics
     reference_rtol: float = 1e-5
     reference_atol: float = 1e-5
+    reference_batch_size: int = 64  # the reference solves fixed groups of samples (batch-size independent)
     out_dir: str = ""  # empty: runs/<name>/nfe_sweep
     save_npz: bool = False
     grid_images: int = 64
+    is_splits: int = 10  # inception-score splits
+    include_reference: bool = True  # reference (dopri5) row; needed for traj_rmse
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:<i>
     # Training-time sweep (NFESweepCallback).
     every_n_steps: int = 500
     callback_solvers: List[str] = field(default_factory=lambda: ["ba", "euler"])

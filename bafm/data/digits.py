@@ -1,0 +1,122 @@
+"""The embedded default dataset: scikit-learn's bundled 8x8 digits, as 16x16 pixel "latents".
+
+``sklearn.datasets.load_digits`` ships with scikit-learn (1797 grey images, values 0..16, 10
+classes), so nothing is downloaded. Images are scaled to ``[-1, 1]`` and upsampled bilinearly
+(antialias off, ``align_corners=False``) to ``data.digits_size``. The "VAE" is the identity:
+moments are ``(pixels, 0)`` and the scaling factor is 1. Flipped moments are not written:
+a mirrored digit is not a digit of the same class (2, 3, 4, 5, 7 and 9 change shape).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NUM_DIGITS = 1797
+NUM_CLASSES = 10
+SPLITS = ("train", "val")
+
+
+def digits_pixels(size: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as images.
+
+    Args:
+        size: output side; 8 keeps the original resolution.
+
+    Returns:
+        ``(images, labels)``: float32 ``(1797, 1, size, size)`` in ``[-1, 1]`` and int64 ``(1797,)``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32)).unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return images.contiguous(), torch.from_numpy(digits.target.astype(np.int64))
+
+
+def digits_split_indices(seed: int, val_fraction: float) -> Dict[str, np.ndarray]:
+    """Fixed train/val partition of the 1797 digits.
+
+    Args:
+        seed: the experiment seed; the same seed always gives the same partition.
+        val_fraction: share held out for ``val``, in ``(0, 1)``.
+
+    Returns:
+        ``{"train": idx, "val": idx}``, sorted int64 indices into ``load_digits()``, disjoint and
+        covering ``0..1796``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction is {val_fraction}, expected a value in (0, 1).")
+    perm = np.random.default_rng(seed).permutation(NUM_DIGITS)
+    n_val = int(round(NUM_DIGITS * val_fraction))
+    return {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val])}
+
+
+def load_digits_images(split: str, cfg: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One split of the digits, straight from scikit-learn (for training small models and
+    reference statistics); the shards hold the same values rounded to float16.
+
+    Args:
+        split: ``"train"`` or ``"val"``.
+        cfg: experiment config; uses ``seed``, ``data.val_fraction`` and ``data.digits_size``.
+
+    Returns:
+        ``(images, labels)``: float32 ``(N, 1, S, S)`` in ``[-1, 1]`` and int64 ``(N,)``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"digits split '{split}' unknown, expected one of {SPLITS}.")
+    images, labels = digits_pixels(int(cfg.data.digits_size))
+    idx = torch.from_numpy(digits_split_indices(int(cfg.seed), float(cfg.data.val_fraction))[split])
+    return images[idx], labels[idx]
+
+
+def digits_settings(cfg: Any) -> Dict[str, Any]:
+    """Everything that determines the digits shards' content (recorded in the manifest)."""
+    return {
+        "source": "digits", "size": int(cfg.data.digits_size), "resize": "bilinear, antialias off, align_corners=False",
+        "range": [-1.0, 1.0], "seed": int(cfg.seed), "val_fraction": float(cfg.data.val_fraction),
+    }
+
+
+def ensure_digits_shards(cfg: Any) -> Path:
+    """Write the digits shards to ``<data.root>/<data.dataset>`` unless they are already there.
+
+    For ``data.source=digits`` this is what lets ``make train`` run on a fresh clone; it
+    writes in one process whatever the distributed setting. For other sources it writes
+    nothing (``LatentDataModule.setup`` reports missing shards).
+
+    Args:
+        cfg: the experiment config.
+
+    Returns:
+        The dataset folder.
+
+    Raises:
+        ValueError: shards already in the folder were written with other settings (seed,
+            ``data.val_fraction``, ``data.digits_size``).
+    """
+    from bafm.data.prepare import prepare_digits
+    from bafm.data.shards import read_manifest
+
+    folder = Path(cfg.data.root) / cfg.data.dataset
+    if cfg.data.source != "digits":
+        return folder
+    try:
+        manifest = read_manifest(folder)
+    except (FileNotFoundError, ValueError):
+        manifest = {}
+    splits = manifest.get("splits", {})
+    complete = (
+        manifest.get("preprocessing") == digits_settings(cfg)
+        and all(s in splits for s in SPLITS)
+        and all((folder / rec["name"]).is_file() for s in SPLITS for rec in splits[s]["shards"])
+    )
+    if complete:
+        return folder
+    prepare_digits(cfg, folder, rank=0, world_size=1, progress=False)
+    return folder

@@ -1,0 +1,34 @@
+"""NFE-sweep evaluation: samples per solver and budget, FID / IS / trajectory error / time.
+
+``evaluate_sweep`` (and ``SweepEngine``, which keeps the reference solutions between runs) is
+the one engine behind ``bafm eval-nfe-sweep`` and the training callback.
+"""
+
+from bafm.eval.engine import (
+    COLUMNS,
+    ReferenceCache,
+    SweepEngine,
+    SweepInputError,
+    SweepResult,
+    evaluate_sweep,
+    plan_sweep,
+)
+from bafm.eval.features import ClassifierFeatures, FeatureExtractor, InceptionFeatures
+from bafm.eval.metrics import FeatureStats, feature_statistics, frechet_distance, inception_score
+
+__all__ = [
+    "COLUMNS",
+    "ClassifierFeatures",
+    "FeatureExtractor",
+    "FeatureStats",
+    "InceptionFeatures",
+    "ReferenceCache",
+    "SweepEngine",
+    "SweepInputError",
+    "SweepResult",
+    "evaluate_sweep",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "plan_sweep",
+]

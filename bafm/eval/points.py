@@ -1,0 +1,222 @@
+"""One sweep point (a solver at a budget): sample, decode and featurise on each rank, then
+gather to rank 0 and turn the results into a row of metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
+from bafm.eval.features import FeatureExtractor, to_uint8
+from bafm.eval.metrics import FeatureStats, feature_statistics, frechet_distance, inception_score
+from bafm.eval.sampler import REFERENCE, sample_labels, sample_noise, solve_batch
+
+COLUMNS = ("solver", "nfe", "steps", "fid", "is", "traj_rmse", "seconds", "n_samples")
+Row = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One row of the sweep: a solver at a budget (``steps`` grid intervals)."""
+
+    solver: str
+    nfe: int
+    steps: int
+
+
+@dataclass
+class ReferenceCache:
+    """The reference solver's results per sample index, reused across sweeps.
+
+    Valid while ``key`` (seed, sampling settings, tolerances, group size, latent shape,
+    extractor) holds;
+    the backbone must stay the same (it is frozen in SideNet training).
+    """
+
+    key: Optional[Tuple[Any, ...]] = None
+    latents: Dict[int, Tensor] = field(default_factory=dict)  # (C, H, W) on the CPU
+    features: Dict[int, Tensor] = field(default_factory=dict)  # (D,)
+    logits: Dict[int, Tensor] = field(default_factory=dict)  # (K,)
+    nfe: Dict[int, float] = field(default_factory=dict)  # batch NFE each sample was solved with
+    steps: Dict[int, float] = field(default_factory=dict)
+    seconds: Dict[int, float] = field(default_factory=dict)  # sampling time per image
+
+    def reset(self, key: Tuple[Any, ...]) -> None:
+        """Drop everything and adopt ``key``."""
+        self.__init__(key=key)  # type: ignore[misc]
+
+
+@dataclass
+class LocalResults:
+    """One rank's results for one sweep point."""
+
+    indices: List[Tensor] = field(default_factory=list)
+    features: List[Tensor] = field(default_factory=list)
+    logits: List[Tensor] = field(default_factory=list)
+    rmse: List[Tensor] = field(default_factory=list)
+    grid_idx: List[Tensor] = field(default_factory=list)
+    grid: List[Tensor] = field(default_factory=list)
+    uint8: List[Tensor] = field(default_factory=list)
+    nfe: float = 0.0  # sum over samples
+    steps: float = 0.0
+    seconds: float = 0.0
+    count: int = 0
+
+
+@dataclass
+class SweepContext:
+    """Everything that stays fixed across the points of one sweep."""
+
+    backbone: nn.Module
+    sidenet: Optional[nn.Module]
+    seed: int
+    shape: Tuple[int, ...]
+    sampling_cfg: Any
+    decoder: Callable[[Tensor], Tensor]
+    extractor: FeatureExtractor
+    reference_stats: Optional[FeatureStats]
+    device: torch.device
+    cache: ReferenceCache
+    use_reference: bool
+    rtol: float
+    atol: float
+    grid_images: int
+    keep_uint8: bool
+    is_splits: int
+    batch_size: int
+    bar: Any = None  # tqdm bar on rank 0
+    world: int = 1
+
+
+def image_grid(images: Tensor) -> Tensor:
+    """``(N, C, H, W)`` in ``[0, 1]`` -> one ``(3, H', W')`` grid, about square."""
+    from torchvision.utils import make_grid
+
+    nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
+    return make_grid(images.float().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
+
+
+@torch.no_grad()
+def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> LocalResults:
+    """Sample, decode and featurise this rank's batches for one sweep point.
+
+    Args:
+        point: the solver and budget (``reference``: the cached ground truth).
+        batches: this rank's global sample indices, one ``(B,)`` tensor per batch.
+        ctx: the sweep's fixed settings.
+
+    Returns:
+        This rank's per-sample features, logits, trajectory errors, grid images and timings.
+    """
+    out = LocalResults()
+    cache, device = ctx.cache, ctx.device
+    is_ref = point.solver == REFERENCE
+    for idx in batches:
+        ids = idx.tolist()
+        if is_ref and all(i in cache.latents for i in ids):
+            # Solved in an earlier sweep: reuse latents, features and timing.
+            x = torch.stack([cache.latents[i] for i in ids]).to(device)
+            needs_images = ctx.keep_uint8 or any(i < ctx.grid_images for i in ids)
+            images = ctx.decoder(x) if needs_images else None
+            feats = torch.stack([cache.features[i] for i in ids])
+            logits = torch.stack([cache.logits[i] for i in ids]) if ids[0] in cache.logits else None
+            nfe, steps = sum(cache.nfe[i] for i in ids), sum(cache.steps[i] for i in ids)
+            elapsed = sum(cache.seconds[i] for i in ids)
+        else:
+            noise = sample_noise(idx, ctx.shape, ctx.seed, device=device)
+            labels = sample_labels(idx, int(ctx.backbone.num_classes), device=device)
+            opts = {"rtol": ctx.rtol, "atol": ctx.atol} if is_ref else {}
+            sync(device)
+            start = time.perf_counter()
+            res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
+                              ctx.sampling_cfg, **opts)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            x = res.x
+            images = ctx.decoder(x)
+            feats, logits = ctx.extractor(images)
+            nfe, steps = float(res.nfe) * len(ids), float(res.steps) * len(ids)
+            if is_ref:
+                for r, i in enumerate(ids):
+                    cache.latents[i] = x[r].detach().cpu()
+                    cache.features[i] = feats[r].float().cpu()
+                    if logits is not None:
+                        cache.logits[i] = logits[r].float().cpu()
+                    cache.nfe[i], cache.steps[i] = float(res.nfe), float(res.steps)
+                    cache.seconds[i] = elapsed / len(ids)
+        out.indices.append(idx)
+        out.features.append(feats.float().cpu())
+        if logits is not None:
+            out.logits.append(logits.float().cpu())
+        if is_ref:
+            out.rmse.append(torch.zeros(len(ids), dtype=torch.float64))
+        elif ctx.use_reference:
+            ref = torch.stack([cache.latents[i] for i in ids]).to(device=device, dtype=torch.float64)
+            diff = (x.double() - ref).flatten(1)  # (B, C * H * W)
+            out.rmse.append(diff.pow(2).mean(dim=1).sqrt().cpu())
+        in_grid = idx < ctx.grid_images
+        out.grid_idx.append(idx[in_grid])
+        if images is not None:
+            out.grid.append(images[in_grid.to(images.device)].float().clamp(0, 1).cpu())
+            if ctx.keep_uint8:
+                out.uint8.append(to_uint8(images).permute(0, 2, 3, 1).cpu())  # (B, H, W, C)
+        out.nfe += nfe
+        out.steps += steps
+        out.seconds += elapsed
+        out.count += len(ids)
+        if ctx.bar is not None:
+            ctx.bar.update(len(ids) * ctx.world)
+    return out
+
+
+def reduce_point(
+    point: SweepPoint, local: LocalResults, ctx: SweepContext
+) -> Tuple[Row, Optional[Tensor], Optional[Tensor]]:
+    """Gather one point's results to rank 0 and compute its row there.
+
+    Every rank must call it (collectives inside).
+
+    Args:
+        point: the sweep point.
+        local: this rank's results from ``run_point``.
+        ctx: the sweep's fixed settings.
+
+    Returns:
+        ``(row, grid, uint8)``: the row (metrics NaN off rank 0), the ``(3, H, W)`` image grid
+        and the uint8 ``(N, H, W, C)`` samples when kept (both None off rank 0).
+    """
+    rank, _ = world_info()
+    device = ctx.device
+
+    def cat(parts: List[Tensor]) -> Optional[Tensor]:
+        return torch.cat(parts) if parts else None
+
+    idx = torch.cat(local.indices) if local.indices else torch.zeros(0, dtype=torch.int64)
+    feats = gather_to_rank0(cat(local.features), idx, device)
+    logits = gather_to_rank0(cat(local.logits), idx if local.logits else idx[:0], device)
+    rmse = gather_to_rank0(cat(local.rmse), idx if local.rmse else idx[:0], device)
+    gidx = torch.cat(local.grid_idx) if local.grid_idx else torch.zeros(0, dtype=torch.int64)
+    grid_all = gather_to_rank0(cat(local.grid), gidx if local.grid else gidx[:0], device)
+    u8 = gather_to_rank0(cat(local.uint8), idx, device, chunk=ctx.batch_size) if ctx.keep_uint8 else None
+    nfe_sum, steps_sum, seconds_sum, count = all_sum([local.nfe, local.steps, local.seconds, local.count], device)
+
+    n = max(int(count), 1)
+    row: Row = {"solver": point.solver, "nfe": int(round(nfe_sum / n)), "steps": int(round(steps_sum / n)),
+                "fid": math.nan, "is": math.nan, "traj_rmse": math.nan, "seconds": seconds_sum / n,
+                "n_samples": int(count)}
+    if rank != 0 or feats is None:
+        return row, None, None
+    if ctx.reference_stats is not None and feats.shape[0] >= 2:
+        row["fid"] = frechet_distance(feature_statistics(feats), ctx.reference_stats)
+    if logits is not None:
+        row["is"] = inception_score(logits, splits=ctx.is_splits)[0]
+    if ctx.use_reference and rmse is not None and rmse.numel():
+        row["traj_rmse"] = float(rmse.double().mean())
+    grid = image_grid(grid_all) if grid_all is not None and grid_all.shape[0] else None
+    return row, grid, u8

@@ -1,0 +1,212 @@
+"""Sweep outputs: CSV, Markdown, FID-vs-NFE plot, image grids, ADM ``.npz`` samples, TensorBoard.
+
+Every file is written to a temporary name in its folder and renamed into place, so a reader
+never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bafm.eval.engine import COLUMNS, Grids, Row
+from bafm.eval.sampler import REFERENCE
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """UTF-8 text version of ``atomic_write_bytes``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else format(value, spec)
+    return str(value)
+
+
+def rows_to_csv(rows: Sequence[Row]) -> str:
+    """CSV text with exactly the columns ``solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_fmt(row[c], ".8g") for c in COLUMNS])
+    return buf.getvalue()
+
+
+def read_csv(path: str | Path) -> List[Dict[str, Any]]:
+    """Rows of a ``results.csv`` with numbers parsed (ints for nfe/steps/n_samples)."""
+    out = []
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            row: Dict[str, Any] = {"solver": rec["solver"]}
+            for c in ("nfe", "steps", "n_samples"):
+                row[c] = int(rec[c])
+            for c in ("fid", "is", "traj_rmse", "seconds"):
+                row[c] = float(rec[c])
+            out.append(row)
+    return out
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a GitHub Markdown table (same columns as the CSV)."""
+    specs = {"fid": ".3f", "is": ".3f", "traj_rmse": ".4g", "seconds": ".4g"}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[c], specs.get(c, "")) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fid_vs_nfe(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
+    """FID against NFE (log x), one curve per solver, the reference as a dashed line and a star.
+
+    Args:
+        rows: sweep rows.
+        path: ``.png`` destination.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (used as matplotlib.ticker)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    by_solver: Dict[str, List[Tuple[int, float]]] = {}
+    for row in rows:
+        by_solver.setdefault(row["solver"], []).append((int(row["nfe"]), float(row["fid"])))
+    for solver, pts in by_solver.items():
+        pts = sorted(p for p in pts if not math.isnan(p[1]))
+        if not pts:
+            continue
+        if solver == REFERENCE:
+            nfe, fid = pts[0]
+            ax.axhline(fid, color="black", linestyle="--", linewidth=1.0, label=f"reference ({nfe} NFE)")
+            ax.plot([nfe], [fid], marker="*", color="black", markersize=10, linestyle="none")
+        else:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=solver)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("NFE (backbone calls)")
+    ax.set_ylabel("FID")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _safe(name: str) -> str:
+    """A solver name as a file-name part (``dpm++2m`` stays readable)."""
+    return re.sub(r"[^A-Za-z0-9+._-]", "_", name)
+
+
+def grid_to_png_bytes(grid: Tensor) -> bytes:
+    """``(3, H, W)`` (or ``(1, H, W)``) in ``[0, 1]`` -> PNG bytes."""
+    from PIL import Image
+
+    arr = (grid.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grids(grids: Grids, folder: str | Path) -> List[Path]:
+    """One ``<solver>_nfe<nfe>.png`` per sweep point.
+
+    Returns:
+        The written paths.
+    """
+    return [atomic_write_bytes(Path(folder) / f"{_safe(s)}_nfe{n:03d}.png", grid_to_png_bytes(g))
+            for (s, n), g in sorted(grids.items())]
+
+
+class NpzSampleWriter:
+    """Sample sink for the engine: ``<folder>/<solver>_nfe<nfe>.npz`` with ``arr_0`` (ADM format)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        """Create the writer.
+
+        Args:
+            folder: destination folder (created on the first write).
+        """
+        self.folder = Path(folder)
+        self.written: List[Path] = []
+
+    def __call__(self, solver: str, nfe: int, images: Tensor) -> None:
+        """Write uint8 ``(N, H, W, C)`` samples (greyscale is kept as one channel)."""
+        buf = io.BytesIO()
+        np.savez(buf, arr_0=images.cpu().numpy().astype(np.uint8))
+        self.written.append(atomic_write_bytes(self.folder / f"{_safe(solver)}_nfe{nfe:03d}.npz", buf.getvalue()))
+
+
+def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, int], Tensor],
+                    prefix: str = "nfe_sweep") -> None:
+    """Scalars ``<prefix>/<metric>/<solver>`` with step = NFE (one curve per solver) and grids.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or Lightning's ``logger.experiment``).
+        rows: sweep rows.
+        grids: ``(solver, nfe) -> (3, H, W)`` images, logged as ``<prefix>/samples/<solver>``.
+        prefix: tag prefix.
+    """
+    for row in rows:
+        for metric in ("fid", "is", "traj_rmse", "seconds"):
+            value = float(row[metric])
+            if not math.isnan(value):
+                writer.add_scalar(f"{prefix}/{metric}/{row['solver']}", value, global_step=int(row["nfe"]))
+    for (solver, nfe), grid in sorted(grids.items()):
+        writer.add_image(f"{prefix}/samples/{solver}", grid.float().clamp(0, 1).cpu(), global_step=int(nfe))
+    writer.flush()
+
+
+def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title: str = "") -> Dict[str, Path]:
+    """``results.csv``, ``results.md``, ``fid_vs_nfe.png`` and ``grids/*.png`` in ``out_dir``.
+
+    Returns:
+        Name -> path of what was written.
+    """
+    out = Path(out_dir)
+    paths = {
+        "csv": atomic_write_text(out / "results.csv", rows_to_csv(rows)),
+        "md": atomic_write_text(out / "results.md", markdown_table(rows)),
+        "plot": plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=title),
+    }
+    save_grids(grids, out / "grids")
+    paths["grids"] = out / "grids"
+    return paths

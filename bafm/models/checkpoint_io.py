@@ -1,0 +1,240 @@
+"""Safe checkpoint reading and writing: tensors only, never arbitrary unpickling.
+
+``.safetensors`` files are read with safetensors; everything else with
+``torch.load(weights_only=True)``, which refuses any pickle that would construct arbitrary
+objects or call functions. The one non-tensor class admitted is ``argparse.Namespace``
+(a plain attribute bag that training scripts such as REPA's store under ``"args"``).
+
+bafm's own exports are ``<stem>.safetensors`` plus ``<stem>.json`` (the model config); the
+same JSON is also stored in the safetensors metadata so a lone weights file stays usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+CONFIG_METADATA_KEY = "bafm_config"
+# Wrapper prefixes added by DistributedDataParallel / DataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely or does not match the requested model."""
+
+
+def config_path(path: str | Path) -> Path:
+    """The JSON config that sits beside a weights file: ``dir/<stem>.json``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".json")
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """Read a checkpoint without executing any code from it.
+
+    Args:
+        path: ``.safetensors`` file, or a ``.pt``/``.pth``/``.ckpt`` file written by ``torch.save``.
+
+    Returns:
+        For safetensors, a flat ``{name: tensor}`` dict (on CPU); otherwise the unpickled object
+        (usually a state dict or a training-checkpoint dict).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or needs arbitrary unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot read as safetensors: {err}") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused to load. The file holds Python objects beyond tensors, and unpickling "
+            f"them could run arbitrary code ({reason}). If you trust its origin, re-save only the "
+            f"weights in a separate trusted session (e.g. torch.save(obj['ema'], 'weights.pt'), or "
+            f"safetensors.torch.save_file) and load that file instead."
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {err}") from None
+
+
+def read_metadata_config(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The bafm config embedded in a ``.safetensors`` header, or None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    text = metadata.get(CONFIG_METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def read_config(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The model config of a bafm export: ``<stem>.json`` beside it, else the safetensors metadata.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        The config dict, or None for a checkpoint without one (e.g. a public release).
+
+    Raises:
+        CheckpointError: the JSON file exists but is not a JSON object.
+    """
+    json_file = config_path(path)
+    if json_file.is_file():
+        try:
+            config = json.loads(json_file.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{json_file}: invalid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{json_file}: expected a JSON object, got {type(config).__name__}")
+        return config
+    return read_metadata_config(path)
+
+
+def select_state_dict(obj: Any, path: str | Path, preferred: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Pick the weights out of a checkpoint object and strip wrapper prefixes.
+
+    Args:
+        obj: what :func:`read_checkpoint` returned.
+        path: the file (for messages).
+        preferred: top-level keys to try in order (e.g. ``("ema", "model")``); if none is
+            present the object itself must be a state dict.
+
+    Returns:
+        ``{parameter name: tensor}`` without ``module.`` / ``_orig_mod.`` prefixes.
+
+    Raises:
+        CheckpointError: no state dict found, naming the top-level keys seen.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    for key in preferred:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    else:
+        if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            keys = ", ".join(repr(k) for k in list(obj)[:10])
+            raise CheckpointError(
+                f"{path}: no weights found: expected one of {list(preferred)} or a flat state dict "
+                f"of tensors; top-level keys are: {keys}"
+            )
+    state = {}
+    for name, tensor in obj.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{name}' is a {type(tensor).__name__}, not a tensor")
+        state[strip_prefixes(str(name))] = tensor
+    return state
+
+
+def strip_prefixes(name: str) -> str:
+    """Remove leading ``module.`` / ``_orig_mod.`` wrappers (in any order, repeated)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
+
+
+def cast_state_dict(state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Cast floating-point tensors to ``dtype`` (None keeps them as stored)."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def check_against(
+    expected: Mapping[str, torch.Size | Tuple[int, ...]],
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    what: str,
+    hint: str = "",
+    limit: int = 8,
+) -> None:
+    """Strict key-and-shape check of a state dict against a model's, with a readable error.
+
+    Args:
+        expected: the model's ``{name: shape}``.
+        state: the checkpoint's tensors.
+        path: the file (for messages).
+        what: description of the model (e.g. ``"SiT-XL/2 (depth 28, hidden 1152)"``).
+        hint: extra sentence appended to the error (e.g. what the tensors look like).
+        limit: how many entries of each kind to list.
+
+    Raises:
+        CheckpointError: any missing key, unexpected key or shape mismatch, listing the first ones.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {'; '.join(items[:limit])}{more}")
+    message = f"{path}: checkpoint does not match {what}. " + ". ".join(parts) + "."
+    raise CheckpointError(message + (f" {hint}" if hint else ""))
+
+
+def write_weights(state: Mapping[str, torch.Tensor], path: str | Path, config: Dict[str, Any]) -> Path:
+    """Write ``<stem>.safetensors`` and ``<stem>.json``.
+
+    Args:
+        state: the weights (any device/dtype; stored as given, on CPU).
+        path: target; must end in ``.safetensors``.
+        config: JSON-serialisable model config (also embedded in the safetensors metadata).
+
+    Returns:
+        The path of the JSON config written.
+
+    Raises:
+        CheckpointError: the suffix is not ``.safetensors``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"export path '{path}' must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    text = json.dumps(config, indent=2, sort_keys=True)
+    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: text})
+    json_file = config_path(path)
+    json_file.write_text(text + "\n")
+    return json_file
+
+
+def block_indices(state: Iterable[str], prefix: str = "blocks.") -> List[int]:
+    """Sorted distinct indices ``i`` of keys ``{prefix}{i}.*``."""
+    found = set()
+    for key in state:
+        if key.startswith(prefix):
+            head = key[len(prefix) :].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return sorted(found)

@@ -1,0 +1,193 @@
+"""SideNet: the small network that predicts the velocity at ``t - h`` from the velocity at ``t``.
+
+Computation and parameter names follow the BA-solver release (HKUST-LongGroup/BA-solver,
+``models/side_net.py``), so its checkpoints load strictly:
+
+* embeddings of ``t``, the signed offset ``h`` and the class ``y`` are concatenated and fused by
+  a two-layer MLP;
+* ``concat(x, v)`` goes through a bias-free 3x3 input conv, then ``depth`` blocks: depthwise-
+  separable residual blocks, except block ``depth // 2`` which is a self-attention block;
+  each block normalises with a parameter-free channel RMSNorm (eps 1e-5) and is modulated by
+  ``(1 + scale, shift)`` from the fused embedding (``scale`` first in the projection);
+* a final RMSNorm, SiLU and zero-initialised 3x3 output conv give a velocity change that is
+  multiplied by ``h``, so ``S(x, v, t, 0) = v`` exactly and training starts at ``S = v``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bafm.models.layers import LabelEmbedder, TimestepEmbedder
+
+
+def channel_rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Parameter-free RMS normalisation over the channel axis of ``(B, C, H, W)``."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
+def _scale_shift(emb_proj: nn.Linear, emb: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)``, each ``(B, C, 1, 1)``, from the fused embedding ``(B, E)``."""
+    style = emb_proj(emb).reshape(-1, 2 * channels, 1, 1)
+    scale, shift = style.chunk(2, dim=1)
+    return scale, shift
+
+
+class SideResBlock(nn.Module):
+    """Depthwise-separable residual block with scale/shift modulation before the second conv."""
+
+    def __init__(self, channels: int, emb_dim: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.conv1_dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.conv1_pw = nn.Conv2d(channels, channels, 1, bias=False)
+        self.conv2_dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.conv2_pw = nn.Conv2d(channels, channels, 1, bias=True)
+        self.emb_proj = nn.Linear(emb_dim, 2 * channels)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, C, H, W)``, ``emb`` ``(B, E)`` -> ``(B, C, H, W)``."""
+        h = self.conv1_pw(self.conv1_dw(channel_rms_norm(x)))
+        scale, shift = _scale_shift(self.emb_proj, emb, self.channels)
+        h = torch.addcmul(shift, channel_rms_norm(h), scale + 1.0)
+        h = self.conv2_pw(self.conv2_dw(F.silu(h)))
+        return x + h
+
+
+class SideAttentionBlock(nn.Module):
+    """Modulated multi-head self-attention over the ``H * W`` positions (1x1-conv qkv and output)."""
+
+    def __init__(self, channels: int, emb_dim: int, num_heads: int = 4) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"SideNet channels {channels} are not divisible by num_heads {num_heads}")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.emb_proj = nn.Linear(emb_dim, 2 * channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, C, H, W)``, ``emb`` ``(B, E)`` -> ``(B, C, H, W)``."""
+        B, C, H, W = x.shape
+        scale, shift = _scale_shift(self.emb_proj, emb, C)
+        h = torch.addcmul(shift, channel_rms_norm(x), scale + 1.0)
+        # qkv channels are laid out as (3, heads, head_dim); positions become the sequence axis.
+        qkv = self.qkv(h).reshape(B, 3, self.num_heads, self.head_dim, H * W)
+        # Contiguous q/k/v: SDPA on strided views is several times slower on CPU.
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)  # (B, heads, HW, head_dim) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+        out = out.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj(out)
+
+
+class SideNet(nn.Module):
+    """Predicts the velocity at ``t - h`` given the state and velocity at ``t``.
+
+    ``forward`` returns the offset (already multiplied by ``h``); ``velocity`` returns
+    ``v + offset``. ``h > 0`` looks toward data, ``h < 0`` toward noise.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        channels: int = 256,
+        emb_dim: int = 256,
+        depth: int = 4,
+        num_heads: int = 4,
+        num_classes: int = 1000,
+        frequency_dim: int = 256,
+    ) -> None:
+        """Build the SideNet (release initialisation: PyTorch defaults, zero output conv).
+
+        Args:
+            in_channels: latent channels ``C`` (the input conv sees ``2 C``: state and velocity).
+            channels: feature width.
+            emb_dim: width of the t/h/class embeddings and their fusion.
+            depth: number of blocks; block ``depth // 2`` is the attention block.
+            num_heads: attention heads (``channels`` must be divisible by it).
+            num_classes: real classes; the null class id is ``num_classes``.
+            frequency_dim: width of the sinusoidal t/h features.
+
+        Raises:
+            ValueError: on an inconsistent configuration.
+        """
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"SideNet depth must be >= 1, got {depth}")
+        self.config: Dict[str, Any] = dict(
+            in_channels=in_channels,
+            channels=channels,
+            emb_dim=emb_dim,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            frequency_dim=frequency_dim,
+        )
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim)
+        self.h_embedder = TimestepEmbedder(emb_dim, frequency_dim)
+        self.y_embedder = LabelEmbedder(num_classes, emb_dim)
+        self.emb_fusion = nn.Sequential(
+            nn.Linear(3 * emb_dim, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
+        )
+        self.input_conv = nn.Conv2d(2 * in_channels, channels, 3, padding=1, bias=False)
+        self.blocks = nn.ModuleList(
+            SideAttentionBlock(channels, emb_dim, num_heads) if i == depth // 2 else SideResBlock(channels, emb_dim)
+            for i in range(depth)
+        )
+        self.output_conv = nn.Conv2d(channels, in_channels, 3, padding=1)
+        # Zero output: the SideNet starts as the identity S(x, v, t, h) = v.
+        if not self.output_conv.weight.is_meta:
+            nn.init.zeros_(self.output_conv.weight)
+            nn.init.zeros_(self.output_conv.bias)
+
+    def forward(
+        self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Velocity offset ``S(x, v, t, h) - v``.
+
+        Args:
+            x: state ``x_t``, shape ``(B, C, H, W)``.
+            v: backbone velocity at ``t`` (bafm convention), shape ``(B, C, H, W)``.
+            t: times in ``[0, 1]``, shape ``(B,)``.
+            h: signed offsets (``t - h`` is the target time), shape ``(B,)``.
+            y: int64 labels, null class ``num_classes``, shape ``(B,)``.
+
+        Returns:
+            The offset, proportional to ``h``, shape ``(B, C, H, W)``.
+        """
+        t, h = torch.as_tensor(t, device=x.device), torch.as_tensor(h, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        h = h.expand(x.shape[0]) if h.ndim == 0 else h
+        emb = torch.cat([self.t_embedder(t), self.h_embedder(h), self.y_embedder(y)], dim=-1)  # (B, 3E)
+        emb = self.emb_fusion(emb)  # (B, E)
+        feat = self.input_conv(torch.cat([x, v], dim=1))  # (B, channels, H, W)
+        for block in self.blocks:
+            feat = block(feat, emb)
+        delta = self.output_conv(F.silu(channel_rms_norm(feat)))  # (B, C, H, W)
+        return delta * h.reshape(-1, 1, 1, 1).to(delta.dtype)
+
+    def velocity(
+        self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Estimated velocity at time ``t - h``: ``v + forward(x, v, t, h, y)``.
+
+        Args:
+            x: state ``x_t``, shape ``(B, C, H, W)``.
+            v: backbone velocity at ``t``, shape ``(B, C, H, W)``.
+            t: times in ``[0, 1]``, shape ``(B,)``.
+            h: signed offsets, shape ``(B,)``; ``h = 0`` returns ``v`` exactly.
+            y: int64 labels, shape ``(B,)``.
+
+        Returns:
+            Velocity estimate at ``t - h``, shape ``(B, C, H, W)``.
+        """
+        return v + self.forward(x, v, t, h, y)

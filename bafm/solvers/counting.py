@@ -1,0 +1,73 @@
+"""Call counting (NFE, SideNet calls) and batched SideNet probes.
+
+NFE is never derived from a formula: every solver wraps its callables in ``CallCounter`` and
+reports what the counter saw.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Sequence
+
+import torch
+from torch import Tensor
+
+
+def probe(
+    side_fn: Callable[..., Tensor], x: Tensor, v: Tensor, t: Tensor, offsets: Sequence[Tensor]
+) -> List[Tensor]:
+    """Evaluate a SideNet at several offsets from one anchor in a single call.
+
+    If ``side_fn`` has a ``probe`` method (e.g. the guided closure of
+    ``bafm.models.guidance``, which must batch cond/uncond itself), that method is used.
+    Otherwise the inputs are stacked along dim 0 (``K`` copies of ``x``/``v``/``t`` and the
+    ``K`` offsets), ``side_fn`` is called once on the ``(K*B, ...)`` batch and the result split.
+
+    Args:
+        side_fn: ``side_fn(x, v, t, h) -> v_hat`` (velocity estimate at ``t - h``).
+        x: anchor state ``(B, ...)``.
+        v: velocity at the anchor ``(B, ...)``.
+        t: anchor time ``(B,)`` in ``[0, 1]``.
+        offsets: ``K`` offsets, each ``(B,)``; ``h > 0`` looks toward data, ``h < 0`` toward noise.
+
+    Returns:
+        ``K`` estimates, each ``(B, ...)``, in the order of ``offsets``.
+    """
+    own = getattr(side_fn, "probe", None)
+    if own is not None:
+        return list(own(x, v, t, offsets))
+    k = len(offsets)
+    if k == 1:
+        return [side_fn(x, v, t, offsets[0])]
+    out = side_fn(torch.cat([x] * k), torch.cat([v] * k), t.repeat(k), torch.cat(list(offsets)))
+    if out.shape[0] != k * x.shape[0]:
+        raise ValueError(
+            f"side_fn returned batch {out.shape[0]} for a stacked probe of {k} x {x.shape[0]} rows"
+        )
+    return list(out.split(x.shape[0]))
+
+
+class CallCounter:
+    """Wrap a callable and count its calls.
+
+    ``counter(*args)`` forwards one call; ``counter.probe(x, v, t, offsets)`` forwards a
+    multi-offset SideNet probe and counts it as one call (see ``probe``).
+
+    Attributes:
+        fn: the wrapped callable.
+        calls: calls made so far.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"expected a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+    def probe(self, x: Tensor, v: Tensor, t: Tensor, offsets: Sequence[Tensor]) -> List[Tensor]:
+        """One batched SideNet call at several offsets; see the module function ``probe``."""
+        self.calls += 1
+        return probe(self.fn, x, v, t, offsets)

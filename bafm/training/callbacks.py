@@ -1,0 +1,84 @@
+"""``NFESweepCallback``: BA-solver vs. baselines at several NFE budgets while the SideNet trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from bafm.config import ExperimentConfig, run_dir
+
+
+class NFESweepCallback(Callback):
+    """Every ``eval.every_n_steps`` and at the end, sample with the EMA SideNet and log metrics.
+
+    For each solver in ``eval.callback_solvers`` and budget in ``eval.callback_budgets`` it runs
+    the evaluation engine on ``eval.callback_num_samples`` fixed per-sample seeds and logs
+    ``sweep/<metric>/<solver>_nfe<N>`` (FID, IS, trajectory RMSE) and sample grids to
+    TensorBoard, plus a CSV per evaluation under ``runs/<experiment>/train_sweeps/``. Samples
+    are split across ranks by the engine; only rank 0 writes.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.every = int(cfg.eval.every_n_steps)
+        self._engine: Optional[Any] = None
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from bafm.eval.engine import SweepEngine
+
+        if stage == "fit" and self._engine is None:
+            # Builds the feature extractor and reference statistics now, so missing files fail
+            # before the first training step.
+            self._engine = SweepEngine.from_config(self.cfg, device=pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0 and step != self._last_step:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step and not trainer.fast_dev_run:
+            self._evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self._engine is not None
+        self._last_step = step = trainer.global_step
+        ec = self.cfg.eval
+        solvers = list(ec.callback_solvers)
+        budgets: Dict[str, list] = {s: list(ec.callback_budgets) for s in solvers}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            result = self._engine.run(
+                backbone=pl_module.backbone, sidenet=pl_module.ema_sidenet, solvers=solvers,
+                budgets=budgets, num_samples=ec.callback_num_samples, device=pl_module.device,
+                progress=False,
+            )
+        finally:
+            pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
+        metrics = {}
+        for row in result.rows:
+            tag = f"{row['solver']}_nfe{row['nfe']}"
+            for key in ("fid", "is", "traj_rmse"):
+                if row.get(key) is not None:
+                    metrics[f"sweep/{key}/{tag}"] = float(row[key])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            for (solver, nfe), grid in result.grids.items():
+                experiment.add_image(f"samples/{solver}_nfe{nfe}", grid, global_step=step)
+        out = Path(run_dir(self.cfg)) / "train_sweeps"
+        result.write_csv(out / f"step{step:07d}.csv")
+        summary = ", ".join(f"{k.split('/', 2)[2]} {k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
+                            if k.startswith("sweep/fid/"))
+        pl_module.print(f"[step {step}] NFE sweep: {summary}")

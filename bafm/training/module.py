@@ -1,0 +1,169 @@
+"""``SideNetModule``: the frozen backbone and the trainable SideNet, composed for Lightning."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from bafm.training.ba_loss import ChainLossConfig, chain_loss
+
+BACKBONE_PREFIX = "backbone."
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for one (run seed, global step, rank): resumed runs redraw the same numbers."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class SideNetModule(L.LightningModule):
+    """Trains a SideNet with the BA chain loss beside a frozen flow-matching backbone.
+
+    Only the SideNet's parameters reach the optimizer; an EMA copy of the SideNet alone is
+    kept for sampling. Checkpoints hold SideNet, EMA, optimizer and step, never the backbone.
+
+    Args:
+        backbone: module with ``.velocity(x, t, y)`` (frozen here: eval mode, no gradients).
+        sidenet: module with ``.velocity(x, v, t, h, y)``.
+        num_classes: class count; label ``num_classes`` is the null (CFG) class.
+        loss: chain-rollout knobs.
+        label_dropout: probability of replacing a label by the null class.
+        lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up.
+        ema_decay: EMA decay of the SideNet weights.
+        seed: run seed; each step's randomness is derived from (seed, step, rank).
+        hparams: the experiment config as a plain dict, logged and stored with checkpoints.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sidenet: nn.Module,
+        *,
+        num_classes: int,
+        loss: ChainLossConfig,
+        label_dropout: float = 0.1,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9996,
+        seed: int = 0,
+        hparams: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.sidenet = sidenet
+        self.ema = AveragedModel(sidenet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.num_classes = num_classes
+        self.loss_cfg = loss
+        self.label_dropout = label_dropout
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.seed = seed
+        self.save_hyperparameters(hparams or {})
+        self._batch_started: Optional[float] = None
+
+    # The frozen backbone stays in eval mode whatever Lightning toggles.
+    def train(self, mode: bool = True) -> "SideNetModule":
+        super().train(mode)
+        self.backbone.eval()
+        self.ema.eval()
+        return self
+
+    def _generator(self) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+        return generator
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        side_trainable, _ = count_parameters(self.sidenet)
+        backbone_trainable, backbone_total = count_parameters(self.backbone)
+        if backbone_trainable:
+            raise RuntimeError(f"backbone has {backbone_trainable} trainable parameters; it must be frozen")
+        if trainable != side_trainable:
+            raise RuntimeError(f"{trainable} trainable parameters but the SideNet has {side_trainable}")
+        ratio = 100.0 * side_trainable / max(backbone_total, 1)
+        self.print(
+            f"SideNet: {side_trainable:,} trainable parameters ({ratio:.2f} % of the backbone's "
+            f"{backbone_total:,}); {total:,} parameters in the module incl. EMA copy"
+        )
+        if self.logger is not None:
+            self.logger.log_metrics(
+                {"params/trainable": float(side_trainable), "params/backbone": float(backbone_total),
+                 "params/total": float(total)}, step=self.global_step)
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, y = batch["latent"], batch["cls"]
+        generator = self._generator()
+        drop = torch.rand(y.shape[0], generator=generator, device=y.device) < self.label_dropout
+        y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite SideNet loss ({loss.item()}) at step {self.global_step}; training stopped. "
+                "The last good checkpoint is kept; lower optim.lr or check the data."
+            )
+        batch_size = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/mse_identity", stats["mse_identity"], batch_size=batch_size)
+        self.log("train/offset_abs", stats["offset_abs"], batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._batch_started is not None:
+            images = batch["latent"].shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", images / max(now - self._batch_started, 1e-9),
+                     prog_bar=True, batch_size=batch["latent"].shape[0])
+        self._batch_started = now
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update_parameters(self.sidenet)
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.sidenet.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_factor(step, self.warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # Checkpoints never carry the backbone: drop it on save, put the live one back on load.
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        stray = [k for k in state if k.startswith(BACKBONE_PREFIX)]
+        if stray:
+            raise ValueError(f"checkpoint unexpectedly holds backbone weights (e.g. '{stray[0]}')")
+        for key, value in self.backbone.state_dict().items():
+            state[BACKBONE_PREFIX + key] = value
+
+    @property
+    def ema_sidenet(self) -> nn.Module:
+        """The EMA SideNet used for sampling and export."""
+        return self.ema.module
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """Linear learning-rate warm-up multiplier for optimizer step ``step``."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)

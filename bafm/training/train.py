@@ -1,0 +1,135 @@
+"""``bafm train``: SideNet training beside the frozen backbone, end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from bafm.config import ExperimentConfig, checkpoint_dir, run_dir, to_container
+from bafm.models.loading import load_backbone, save_sidenet
+from bafm.models.sidenet import SideNet
+from bafm.training.ba_loss import ChainLossConfig
+from bafm.training.callbacks import NFESweepCallback
+from bafm.training.module import SideNetModule
+
+
+def training_checkpoint_dir(cfg: ExperimentConfig) -> Path:
+    """Resumable Lightning checkpoints: ``runs/<experiment>/checkpoints``."""
+    return run_dir(cfg) / "checkpoints"
+
+
+def resolve_resume(cfg: ExperimentConfig) -> Optional[str]:
+    """``trainer.resume``: "" (fresh), "last" (newest checkpoint of this experiment) or a path."""
+    resume = cfg.trainer.resume
+    if not resume:
+        return None
+    if resume == "last":
+        candidates = sorted(training_checkpoint_dir(cfg).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(
+                f"trainer.resume=last but no checkpoint in {training_checkpoint_dir(cfg)}; "
+                "start without trainer.resume")
+        return str(candidates[-1])
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"trainer.resume: checkpoint '{resume}' not found")
+    return resume
+
+
+def build_trainer(cfg: ExperimentConfig, callbacks: List[Callback]) -> L.Trainer:
+    """A Lightning Trainer whose options come from ``cfg.trainer`` (devices, nodes, strategy, ...)."""
+    tc = cfg.trainer
+    precision = tc.precision
+    if precision == "auto":
+        on_gpu = tc.accelerator in ("gpu", "cuda") or (tc.accelerator == "auto" and torch.cuda.is_available())
+        precision = "bf16-mixed" if on_gpu else "32-true"
+    logger = TensorBoardLogger(save_dir=str(Path(cfg.runs_dir)), name=cfg.name, version="train",
+                               default_hp_metric=False)
+    return L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        precision=precision, max_steps=tc.max_steps, log_every_n_steps=tc.log_every_n_steps,
+        gradient_clip_val=cfg.optim.grad_clip, logger=logger, callbacks=callbacks,
+        fast_dev_run=tc.fast_dev_run, deterministic=tc.deterministic,
+        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
+        use_distributed_sampler=False,  # the WebDataset loader splits by node itself
+    )
+
+
+def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> SideNet:
+    """The trainable SideNet of ``cfg.sidenet``."""
+    sc = cfg.sidenet
+    return SideNet(in_channels=in_channels, channels=sc.channels, emb_dim=sc.emb_dim, depth=sc.depth,
+                   num_heads=sc.num_heads, num_classes=num_classes)
+
+
+def check_shapes(backbone: torch.nn.Module, latent_shape: tuple, num_classes: int, what: str) -> None:
+    """Fail before the first step if the backbone cannot take the data's latents."""
+    expected = (backbone.in_channels, backbone.input_size, backbone.input_size)
+    if tuple(latent_shape) != expected:
+        raise ValueError(
+            f"latent shape mismatch: the data ({what}) has latents of shape {tuple(latent_shape)} (C, H, W) "
+            f"but the backbone expects {expected}; check data.* and backbone.path")
+    if num_classes > backbone.num_classes:
+        raise ValueError(
+            f"the data ({what}) has {num_classes} classes but the backbone only {backbone.num_classes}")
+
+
+def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
+    """Train the SideNet, export its EMA weights and say where everything went."""
+    from bafm.data.datamodule import LatentDataModule
+    from bafm.data.digits import ensure_digits_shards
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.data.source == "digits":
+        ensure_digits_shards(cfg)
+    datamodule = LatentDataModule(cfg.data, seed=cfg.seed)
+    datamodule.setup("fit")
+    backbone = load_backbone(cfg.backbone.path, arch=cfg.backbone.arch, source=cfg.backbone.source)
+    check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
+    sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes)
+    lc = cfg.loss
+    module = SideNetModule(
+        backbone, sidenet, num_classes=backbone.num_classes,
+        loss=ChainLossConfig(links=lc.links, offset_rate=lc.offset_rate, p_backward=lc.p_backward),
+        label_dropout=lc.label_dropout, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
+        seed=cfg.seed, hparams=to_container(cfg),
+    )
+    ckpt_dir = training_checkpoint_dir(cfg)
+    callbacks: List[Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=-1,
+                        save_last=True),
+        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+        NFESweepCallback(cfg),
+        TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)),
+    ]
+    trainer = build_trainer(cfg, callbacks)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
+    seconds = time.perf_counter() - start
+    if trainer.interrupted:
+        print(f"training interrupted at step {trainer.global_step}; resume with trainer.resume=last "
+              f"(checkpoints in {ckpt_dir})")
+        return 130
+    if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
+        export = checkpoint_dir(cfg) / "sidenet.safetensors"
+        save_sidenet(module.ema_sidenet, export, extra_config={
+            "experiment": cfg.name, "steps": trainer.global_step, "backbone": cfg.backbone.path,
+            "train_seconds": round(seconds, 1)})
+        metrics_file = run_dir(cfg) / "train_summary.json"
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics_file.write_text(json.dumps({"steps": trainer.global_step, "seconds": round(seconds, 1),
+                                            "metrics": metrics}, indent=2))
+        print(f"\nTrained {trainer.global_step} steps in {seconds / 60:.1f} min.")
+        print(f"  EMA SideNet:        {export} (+ {export.with_suffix('.json').name})")
+        print(f"  resumable ckpts:    {ckpt_dir}")
+        print(f"  TensorBoard logs:   {Path(trainer.logger.log_dir)}  (make tensorboard)")
+        print(f"  NFE-sweep metrics:  {run_dir(cfg) / 'train_sweeps'}")
+    return 0

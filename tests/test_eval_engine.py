@@ -1,0 +1,248 @@
+"""The evaluation engine on an analytic Gaussian-mixture backbone with a tiny feature extractor."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from bafm.eval.engine import COLUMNS, ReferenceCache, SweepInputError, evaluate_sweep, plan_sweep
+from bafm.eval.features import FeatureExtractor
+from bafm.eval.metrics import feature_statistics
+from bafm.eval.report import log_tensorboard, markdown_table, read_csv, rows_to_csv, write_reports
+from bafm.eval.sampler import generate, sample_labels, sample_noise
+from bafm.models.analytic import GaussianMixtureFlow
+
+SHAPE = (1, 4, 4)
+SAMPLING = SimpleNamespace(cfg_scale=1.0, guidance_interval=[0.0, 0.7], grid="uniform", shift=1.0)
+
+
+class TinyFeatures(FeatureExtractor):
+    """Identity features (flattened pixels) and 3 logits read off them."""
+
+    name = "tiny"
+    feature_dim = 16
+
+    def forward(self, images):
+        flat = images.flatten(1).float()
+        return flat, 4.0 * flat[:, :3]
+
+
+class OracleSideNet(nn.Module):
+    """SideNet interface around the analytic model's exact side velocity."""
+
+    def __init__(self, flow: GaussianMixtureFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def velocity(self, x, v, t, h, y):
+        return self.flow.side_velocity(x, v, t, h, y)
+
+
+class CountingBackbone(nn.Module):
+    """Counts velocity calls of a wrapped backbone."""
+
+    def __init__(self, flow: GaussianMixtureFlow) -> None:
+        super().__init__()
+        self.flow, self.num_classes, self.data_shape, self.calls = flow, flow.num_classes, flow.data_shape, 0
+
+    def velocity(self, x, t, y):
+        self.calls += 1
+        return self.flow.velocity(x, t, y)
+
+
+class ExplodingBackbone(nn.Module):
+    """Fails if sampling ever starts."""
+
+    num_classes = 2
+    data_shape = SHAPE
+
+    def velocity(self, x, t, y):
+        raise AssertionError("sampling started before the input was checked")
+
+
+def decode(latents):
+    return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tensors here are tiny: extra threads only add synchronisation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def flow():
+    gm = GaussianMixtureFlow.random(SHAPE, num_classes=2, components_per_class=2, std=0.3,
+                                    generator=torch.Generator().manual_seed(0))
+    gm.oracle_substeps = 16  # exact enough for a SideNet stand-in, 4x cheaper than the default
+    return gm
+
+
+@pytest.fixture(scope="module")
+def ref_stats(flow):
+    labels = sample_labels(torch.arange(400), 2)
+    data = flow.sample_data(400, labels, generator=torch.Generator().manual_seed(1)).float()
+    return feature_statistics(TinyFeatures()(decode(data))[0])
+
+
+def _sweep(backbone, sidenet, ref_stats, **kw):
+    args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, seed=3, sampling_cfg=SAMPLING,
+                decoder=decode, feature_extractor=TinyFeatures(), reference_stats=ref_stats, batch_size=8,
+                device="cpu", progress=False, reference_rtol=1e-6, reference_atol=1e-6, grid_images=4)
+    args.update(kw)
+    return evaluate_sweep(backbone, sidenet, **args)
+
+
+def test_noise_and_labels_are_per_sample():
+    a = sample_noise(torch.arange(6), SHAPE, seed=11)
+    b = torch.cat([sample_noise([0, 1, 2, 3], SHAPE, seed=11), sample_noise([4, 5], SHAPE, seed=11)])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a[2], torch.randn(SHAPE, generator=torch.Generator().manual_seed(13)), rtol=0, atol=0)
+    assert sample_labels(torch.tensor([0, 1, 2, 9]), 3).tolist() == [0, 1, 2, 0]
+    assert sample_labels(torch.tensor([0, 5]), 0).tolist() == [0, 0]  # unconditional: the null class
+
+
+def test_samples_independent_of_batch_size(flow):
+    whole = generate(flow, None, "heun", 3, torch.arange(8), seed=5, sampling_cfg=SAMPLING)
+    parts = [generate(flow, None, "heun", 3, idx, seed=5, sampling_cfg=SAMPLING).x for idx in torch.arange(8).split(3)]
+    torch.testing.assert_close(torch.cat(parts), whole.x, rtol=0, atol=0)
+    assert whole.nfe == 6
+
+
+def test_rows_identical_across_batch_sizes(flow, ref_stats):
+    kw = dict(solvers=["euler", "heun", "ba"], budgets={"euler": [4, 8], "heun": [4], "ba": [3]})
+    side = OracleSideNet(flow)
+    rows3, grids3 = _sweep(flow, side, ref_stats, batch_size=3, **kw)
+    rows8, grids8 = _sweep(flow, side, ref_stats, batch_size=8, **kw)
+    assert [(r["solver"], r["nfe"], r["steps"]) for r in rows8] == [
+        ("reference", rows8[0]["nfe"], 1), ("euler", 4, 4), ("euler", 8, 8), ("heun", 4, 2), ("ba", 3, 3)]
+    for r3, r8 in zip(rows3, rows8):  # same samples (the reference solves fixed groups), same metrics
+        assert r3["n_samples"] == r8["n_samples"] == 8
+        for key in ("nfe", "fid", "is", "traj_rmse"):
+            assert r3[key] == pytest.approx(r8[key], rel=1e-6, abs=1e-12), (r3["solver"], key)
+    for key in grids8:
+        torch.testing.assert_close(grids3[key], grids8[key], rtol=0, atol=0)
+    assert set(grids8) == {("reference", rows8[0]["nfe"]), ("euler", 4), ("euler", 8), ("heun", 4), ("ba", 3)}
+    assert grids8[("euler", 4)].shape == (3, 2 * 4 + 3, 2 * 4 + 3)  # 4 images of 4x4 in a 2x2 grid, padding 1
+
+
+def test_trajectory_error_falls_with_nfe_and_vanishes_for_the_reference(flow, ref_stats):
+    rows, _ = _sweep(flow, None, ref_stats, solvers=["euler", "rk4"],
+                     budgets={"euler": [2, 4, 8, 16, 32], "rk4": [64]},
+                     reference_rtol=1e-7, reference_atol=1e-7)
+    ref, euler, rk4 = rows[0], rows[1:6], rows[6]
+    assert ref["solver"] == "reference" and ref["traj_rmse"] == 0.0 and ref["nfe"] > 6
+    errs = [r["traj_rmse"] for r in euler]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    ratios = [a / b for a, b in zip(errs[2:], errs[3:])]
+    assert all(1.6 < q < 2.6 for q in ratios), ratios  # first order: halving the step halves the error
+    assert rk4["traj_rmse"] < 1e-4
+
+
+def test_reference_cache_is_reused(flow, ref_stats):
+    counting = CountingBackbone(flow)
+    cache = ReferenceCache()
+    rows1, _ = _sweep(counting, None, ref_stats, reference_cache=cache)
+    first = counting.calls
+    assert first == rows1[0]["nfe"] + 4 and len(cache.latents) == 8
+    rows2, _ = _sweep(counting, None, ref_stats, reference_cache=cache)
+    assert counting.calls - first == 4  # only euler's 4 NFE: the reference came from the cache
+    assert rows2 == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(rows1, rows2)]
+    _sweep(counting, None, ref_stats, reference_cache=cache, seed=4)  # another seed invalidates it
+    assert cache.key[0] == 4
+
+
+def test_bad_input_fails_before_sampling(ref_stats):
+    boom = ExplodingBackbone()
+    with pytest.raises(SweepInputError, match="unknown solver 'eular'.*euler.*heun.*reference"):
+        _sweep(boom, None, ref_stats, solvers=["eular"], budgets={"eular": [4]})
+    with pytest.raises(SweepInputError, match="heun.*7 NFE.*nearest: 6 or 8"):
+        _sweep(boom, None, ref_stats, solvers=["euler", "heun"], budgets={"euler": [4], "heun": [7]})
+    with pytest.raises(SweepInputError, match=r"ba.*SideNet.*ckpt/side\.safetensors.*make train"):
+        _sweep(boom, None, ref_stats, solvers=["ba"], budgets={"ba": [5]}, sidenet_hint="ckpt/side.safetensors")
+    with pytest.raises(SweepInputError, match="eval.budgets.midpoint"):
+        _sweep(boom, None, ref_stats, solvers=["midpoint"], budgets={"euler": [4]})
+    with pytest.raises(SweepInputError, match="not a positive integer"):
+        plan_sweep(["euler"], [0], sidenet_available=False)
+    assert plan_sweep(["euler", "heun"], [4, 8], sidenet_available=False)[-1].steps == 4
+
+
+def test_reports(flow, ref_stats, tmp_path):
+    rows, grids = _sweep(flow, None, ref_stats, solvers=["euler", "midpoint"],
+                         budgets={"euler": [2, 4], "midpoint": [4]})
+    paths = write_reports(rows, grids, tmp_path, title="test")
+    text = paths["csv"].read_text().splitlines()
+    assert text[0] == "solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
+    assert len(text) == 1 + len(rows)
+    back = read_csv(paths["csv"])
+    assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
+    for r, b in zip(rows, back):
+        assert b["nfe"] == r["nfe"] and b["fid"] == pytest.approx(r["fid"], rel=1e-7)
+    md = paths["md"].read_text()
+    assert md == markdown_table(rows) and md.startswith("| solver | nfe | steps | fid | is |")
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
+        "euler_nfe002.png", "euler_nfe004.png", "midpoint_nfe004.png", f"reference_nfe{rows[0]['nfe']:03d}.png"]
+    nan_row = dict(rows[1], fid=math.nan)
+    assert ",nan," in rows_to_csv([nan_row])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    log_tensorboard(writer, rows, grids)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    fid_euler = acc.Scalars("nfe_sweep/fid/euler")
+    assert [e.step for e in fid_euler] == [2, 4]
+    assert fid_euler[1].value == pytest.approx(rows[2]["fid"], rel=1e-6)
+    assert "nfe_sweep/traj_rmse/midpoint" in acc.Tags()["scalars"]
+    assert "nfe_sweep/samples/euler" in acc.Tags()["images"]
+
+
+def _distributed_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gm = GaussianMixtureFlow.random(SHAPE, num_classes=2, components_per_class=2, std=0.3,
+                                        generator=torch.Generator().manual_seed(0))
+        samples = {}
+        rows, grids = _sweep(gm, None, None, **_DIST_KW, sample_sink=lambda s, n, x: samples.__setitem__((s, n), x))
+        torch.save({"rows": rows, "grids": grids, "samples": samples}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+_DIST_KW = dict(solvers=["euler", "heun"], budgets={"euler": [3], "heun": [4]}, num_samples=10, batch_size=2,
+                reference_batch_size=3, grid_images=5)
+
+
+def test_distributed_matches_single_process(flow, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    gm = GaussianMixtureFlow.random(SHAPE, num_classes=2, components_per_class=2, std=0.3,
+                                    generator=torch.Generator().manual_seed(0))
+    samples = {}
+    rows, grids = _sweep(gm, None, None, **_DIST_KW, sample_sink=lambda s, n, x: samples.__setitem__((s, n), x))
+    got0, got1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert repr(got0["rows"]) == repr(got1["rows"])  # every rank returns rank 0's rows (repr: nan == nan)
+    assert got1["grids"] == {} and got1["samples"] == {}  # only rank 0 writes
+    for mine, theirs in zip(rows, got0["rows"]):
+        assert theirs["n_samples"] == 10
+        assert math.isnan(theirs["fid"]) and math.isnan(mine["fid"])  # no reference statistics given
+        assert (theirs["solver"], theirs["nfe"], theirs["steps"]) == (mine["solver"], mine["nfe"], mine["steps"])
+        for key in ("is", "traj_rmse"):
+            assert theirs[key] == pytest.approx(mine[key], rel=1e-6, abs=1e-12), key
+    assert set(got0["grids"]) == set(grids) and set(got0["samples"]) == set(samples)
+    for key in grids:
+        torch.testing.assert_close(got0["grids"][key], grids[key], rtol=0, atol=0)
+        torch.testing.assert_close(got0["samples"][key], samples[key], rtol=0, atol=0)
+    assert samples[("euler", 3)].shape == (10, 4, 4, 1) and samples[("euler", 3)].dtype == torch.uint8

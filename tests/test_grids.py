@@ -1,0 +1,108 @@
+"""Time grids and the step <-> NFE budget arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bafm.solvers import SOLVERS, get_solver
+from bafm.solvers.grids import make_grid, nfe_for_steps, shifted_grid, steps_for_nfe, uniform_grid
+
+
+def test_uniform_grid_values_dtype_and_exact_endpoints():
+    grid = uniform_grid(4)
+    assert grid.dtype == torch.float32 and grid.shape == (5,)
+    torch.testing.assert_close(grid, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), rtol=0, atol=0)
+    g64 = uniform_grid(10, dtype=torch.float64)
+    assert g64[0].item() == 1.0 and g64[-1].item() == 0.0
+    # Every point is the correctly rounded value k / N (so t = 0.7 is float32(0.7) exactly).
+    assert uniform_grid(10)[3].item() == torch.tensor(0.7, dtype=torch.float32).item()
+
+
+def test_shifted_grid_formula():
+    t = torch.linspace(1.0, 0.0, 7, dtype=torch.float64)
+    expected = 3.0 * t / (1.0 + 2.0 * t)
+    torch.testing.assert_close(shifted_grid(6, 3.0, dtype=torch.float64), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(shifted_grid(6, 1.0), uniform_grid(6), rtol=0, atol=0)
+    grid = shifted_grid(6, 3.0)
+    assert grid[0].item() == 1.0 and grid[-1].item() == 0.0 and bool((grid.diff() < 0).all())
+    # A shift above 1 spends more of the steps near the noise end.
+    assert grid[1].item() > uniform_grid(6)[1].item()
+
+
+def test_make_grid_by_name():
+    torch.testing.assert_close(make_grid("uniform", 5), uniform_grid(5), rtol=0, atol=0)
+    torch.testing.assert_close(make_grid("shifted", 5, shift=2.0), shifted_grid(5, 2.0), rtol=0, atol=0)
+    assert make_grid("uniform", 3, dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="uniform"):
+        make_grid("cosine", 5)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_grid_rejects_bad_steps(bad):
+    with pytest.raises(ValueError, match="steps"):
+        uniform_grid(bad)
+
+
+def test_shifted_grid_rejects_bad_shift():
+    with pytest.raises(ValueError, match="shift"):
+        shifted_grid(4, 0.0)
+
+
+@pytest.mark.parametrize(
+    "solver, steps, nfe",
+    [
+        ("euler", 10, 10), ("heun", 5, 10), ("midpoint", 5, 10), ("rk4", 3, 12),
+        ("ab2", 8, 8), ("dpm++2m", 6, 6), ("ba", 5, 5), ("ba-single", 7, 7),
+    ],
+)  # fmt: skip
+def test_steps_and_nfe_round_trip(solver, steps, nfe):
+    assert nfe_for_steps(solver, steps) == nfe
+    assert steps_for_nfe(solver, nfe) == steps
+
+
+def test_ab2_heun_start_budget():
+    assert nfe_for_steps("ab2", 4, start="heun") == 5
+    assert steps_for_nfe("ab2", 5, start="heun") == 4
+
+
+@pytest.mark.parametrize(
+    "solver, nfe, nearest",
+    [
+        ("heun", 7, "nearest: 6 or 8"),
+        ("rk4", 10, "nearest: 8 or 12"),
+        ("rk4", 3, "nearest: 4"),
+        ("midpoint", 1, "nearest: 2"),
+    ],
+)
+def test_infeasible_budget_names_the_nearest_ones(solver, nfe, nearest):
+    with pytest.raises(ValueError, match=nearest):
+        steps_for_nfe(solver, nfe)
+
+
+def test_reference_has_no_fixed_budget():
+    with pytest.raises(ValueError, match="adaptive"):
+        nfe_for_steps("reference", 4)
+    with pytest.raises(ValueError, match="adaptive"):
+        steps_for_nfe("reference", 4)
+
+
+def test_unknown_solver_lists_valid_names():
+    valid = "Valid solvers: euler, heun, midpoint, rk4, ab2, dpm\\+\\+2m, ba, ba-single, reference"
+    with pytest.raises(ValueError, match=valid):
+        get_solver("eulr")
+    with pytest.raises(ValueError, match="Did you mean 'euler'"):
+        steps_for_nfe("eulr", 4)
+
+
+@pytest.mark.parametrize("solver", [name for name in SOLVERS if name != "reference"])
+def test_budget_arithmetic_matches_counted_nfe(solver):
+    x = torch.randn(2, 3, dtype=torch.float64)
+    options = {"side_fn": lambda x, v, t, h: v} if SOLVERS[solver].uses_side_fn else {}
+    for nfe in range(1, 13):
+        try:
+            steps = steps_for_nfe(solver, nfe)
+        except ValueError:
+            continue
+        res = get_solver(solver)(lambda x, t: -x, x, uniform_grid(steps, dtype=torch.float64), **options)
+        assert res.nfe == nfe

@@ -1,0 +1,88 @@
+"""``bafm eval-nfe-sweep`` end to end on tiny models, and its input checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from bafm.cli import main
+from bafm.eval.report import read_csv
+from bafm.models.classifier import DigitsClassifier, save_classifier
+from bafm.models.loading import save_backbone, save_sidenet
+from bafm.models.sidenet import SideNet
+from bafm.models.sit import build_sit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: extra threads only add synchronisation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny backbone, SideNet and classifier files for the digits experiment."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    backbone = build_sit("SiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1, hidden_size=32,
+                         num_heads=2)
+    save_backbone(backbone, root / "backbone.safetensors")
+    sidenet = SideNet(in_channels=1, channels=16, emb_dim=32, depth=2, num_heads=2, num_classes=10)
+    save_sidenet(sidenet, root / "sidenet.safetensors")
+    save_classifier(DigitsClassifier(channels=(8, 16, 32)).eval(), root / "classifier.safetensors")
+    return root
+
+
+def _args(repo_root, tiny, tmp_path, *extra):
+    return [
+        "eval-nfe-sweep", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
+        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
+        "backbone.num_heads=2", f"sidenet.path={tiny / 'sidenet.safetensors'}",
+        f"eval.classifier_path={tiny / 'classifier.safetensors'}", f"data.root={tmp_path / 'data'}",
+        f"runs_dir={tmp_path / 'runs'}", "eval.num_samples=20", "eval.batch_size=8", "eval.reference_batch_size=10",
+        "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.grid_images=9", "eval.device=cpu",
+        "eval.solvers=[ba,euler]", "eval.budgets={ba: [3], euler: [2, 4]}", *extra,
+    ]
+
+
+def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
+    assert main(_args(repo_root, tiny, tmp_path, "eval.save_npz=true")) == 0
+    out = tmp_path / "out"
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header == "solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples"
+    rows = read_csv(out / "results.csv")
+    assert [(r["solver"], r["nfe"], r["steps"]) for r in rows[1:]] == [("ba", 3, 3), ("euler", 2, 2), ("euler", 4, 4)]
+    assert rows[0]["solver"] == "reference" and rows[0]["traj_rmse"] == 0.0
+    for r in rows:
+        assert r["n_samples"] == 20 and r["fid"] >= 0.0 and r["is"] >= 1.0 and r["seconds"] > 0.0
+    assert all(r["traj_rmse"] > 0.0 for r in rows[1:])
+    printed = capsys.readouterr().out
+    assert (out / "results.md").read_text() in printed
+    assert (out / "fid_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "grids").glob("*.png"))) == 4
+    assert any((out / "tensorboard").iterdir())
+    arr = np.load(out / "samples" / "euler_nfe004.npz")["arr_0"]
+    assert arr.shape == (20, 16, 16, 1) and arr.dtype == np.uint8
+    assert (tmp_path / "data" / "digits" / "reference_stats.npz").is_file()  # cached for the next run
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_cli_bad_input_fails_before_work(repo_root, tiny, tmp_path, capsys):
+    cases = [
+        (["eval.solvers=[eular]"], ["unknown solver 'eular'", "euler", "dpm++2m"]),
+        (["eval.solvers=[heun]", "eval.budgets={heun: [7]}"], ["heun", "nearest: 6 or 8"]),
+        ([f"sidenet.path={tmp_path / 'none.safetensors'}"], [str(tmp_path / "none.safetensors"), "make train"]),
+        ([f"backbone.path={tmp_path / 'bb.safetensors'}"], [str(tmp_path / "bb.safetensors"), "make backbone"]),
+        ([f"eval.classifier_path={tmp_path / 'c.safetensors'}"], [str(tmp_path / "c.safetensors"), "make backbone"]),
+        (["eval.feature_extractor=inception", f"eval.inception_weights={tmp_path / 'inc.pth'}",
+          f"eval.reference_stats={tmp_path / 'ref.npz'}"], [str(tmp_path / "inc.pth"), "weights-inception-2015-12-05"]),
+        ([f"eval.reference_stats={tmp_path / 'VIRTUAL.npz'}"], [str(tmp_path / "VIRTUAL.npz"), "mu"]),
+    ]
+    for extra, needles in cases:
+        assert main(_args(repo_root, tiny, tmp_path, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        for needle in needles:
+            assert needle in err, (extra, err)
+    assert not (tmp_path / "out").exists()  # nothing was written
