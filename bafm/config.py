@@ -191,6 +191,11 @@ class EditConfig:
         default_factory=lambda: {"ba": [5, 10], "euler": [10, 50, 100], "heun": [10, 50, 100]}
     )
     out_dir: str = ""  # empty: runs/<name>/edit
+    cfg_scale: Optional[float] = None  # None: sampling.cfg_scale (inversion and both regenerations)
+    center_crop: bool = False  # ADM-crop image_dir images to the backbone's size instead of requiring it
+    batch_size: int = 32
+    grid_images: int = 8  # images (columns) shown in edit_grid.png
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:<i>
 
 
 @dataclass

@@ -159,9 +159,11 @@ def test_epochs_have_equal_length_and_are_seeded_per_rank(tmp_path: Path, monkey
     assert len(first[0]) == 8 * math.ceil(50 / 8)
     assert first == again  # same seed, same stream
     assert first[0] != first[1]  # each epoch draws anew
-    resumed = _dm(folder)
-    resumed.trainer = SimpleNamespace(current_epoch=1, global_rank=0, world_size=1)  # as after a restore
-    assert [k for b in resumed.train_dataloader() for k in b["key"]] == first[1]
+    # As after a checkpoint restore two batches into epoch 1: the rest of that epoch, exactly.
+    resumed = _dm(folder).train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "served": 2})
+    assert [k for b in resumed for k in b["key"]] == first[1][2 * 8:]
+    assert resumed.state_dict() == {"epoch": 1, "served": len(first[1]) // 8}
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     rank1 = epochs(_dm(folder), n=1)

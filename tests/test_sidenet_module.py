@@ -14,7 +14,7 @@ from bafm.solvers import get_solver
 from bafm.solvers.grids import uniform_grid
 from bafm.training.ba_loss import ChainLossConfig
 from bafm.training.module import BACKBONE_PREFIX, SideNetModule
-from bafm.training.resumable import ResumableLoader
+from bafm.data.resumable import ResumableLoader
 
 
 class LossRecorder(L.Callback):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from bafm.data.resumable import ResumableLoader
 from bafm.data.shards import (
     LatentSample,
     ShardError,
@@ -310,20 +311,28 @@ class LatentDataModule(L.LightningDataModule):
         return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
                              persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> wds.WebLoader:
-        """Infinite resampled stream cut into epochs of equal length on every rank."""
+    def train_dataloader(self) -> ResumableLoader:
+        """Infinite resampled stream cut into epochs of equal length on every rank.
+
+        Each epoch's stream depends only on (seed, rank, worker, epoch), and the returned loader
+        records how far into its epoch training got, so Lightning checkpoints resume exactly.
+        """
+        _, world_size = self._rank_world()
+        batches = math.ceil(self.counts[self.train_split] / (int(self.cfg.batch_size) * world_size))
+        return ResumableLoader(self._train_epoch, length=batches)
+
+    def _train_epoch(self, epoch: int) -> wds.WebLoader:
+        """The training batches of one epoch."""
         rank, world_size = self._rank_world()
         urls, reader = self._reader(self.train_split)
         batch_size = int(self.cfg.batch_size)
-        # Seeds depend on (seed, rank, worker, epoch); persistent workers keep the epoch count,
-        # and a run resumed at epoch e starts from e instead of replaying epoch 0's draws.
-        start = int(self.trainer.current_epoch) if getattr(self, "trainer", None) is not None else 0
         shards = wds.ResampledShards(urls, seed=self.seed, worker_seed=partial(_rank_worker_seed, rank),
                                      deterministic=True)
         shuffle = _Shuffle(int(self.cfg.shuffle_buffer), self.seed, rank)
         collate = _Collate(batch_size, tuple(self.manifest["moments_shape"]), self.scaling_factor,
                            bool(self.cfg.use_flip) and self.has_flip, self.seed, rank, partial_batches=False)
-        shards.epoch = shuffle.epoch = collate.epoch = start - 1
+        # The stages count epochs up from here on their first iteration: this one is ``epoch``.
+        shards.epoch = shuffle.epoch = collate.epoch = epoch - 1
         pipeline = wds.DataPipeline(shards, reader, shuffle, collate)
         batches = math.ceil(self.counts[self.train_split] / (batch_size * world_size))
         return self._loader(pipeline).with_epoch(batches).with_length(batches, silent=True)

@@ -117,8 +117,6 @@ def plan_sweep(
     return points
 
 
-
-
 def evaluate_sweep(
     backbone: nn.Module,
     sidenet: Optional[nn.Module],
@@ -196,9 +194,9 @@ def evaluate_sweep(
     batches = list(local.split(batch_size))
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
-    key = (int(seed), tuple(shape), float(reference_rtol), float(reference_atol), int(reference_batch_size),
-           float(sampling_cfg.cfg_scale), tuple(float(v) for v in sampling_cfg.guidance_interval),
-           feature_extractor.name)
+    key = (id(backbone), int(seed), tuple(shape), float(reference_rtol), float(reference_atol),
+           int(reference_batch_size), float(sampling_cfg.cfg_scale),
+           tuple(float(v) for v in sampling_cfg.guidance_interval), feature_extractor.name)
     if cache.key != key:
         cache.reset(key)
 
@@ -223,8 +221,8 @@ def evaluate_sweep(
             if bar is not None:
                 bar.set_description(point.solver + (f" @ {point.nfe} NFE" if point.solver != REFERENCE else ""))
             # The adaptive reference shares one step size per solve: it always solves whole groups.
-            row, grid, uint8 = reduce_point(point, run_point(point, groups if point.solver == REFERENCE else batches,
-                                                             ctx), ctx)
+            local_results = run_point(point, groups if point.solver == REFERENCE else batches, ctx)
+            row, grid, uint8 = reduce_point(point, local_results, ctx)
             rows.append(row)
             if rank != 0:
                 continue

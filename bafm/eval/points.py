@@ -34,9 +34,9 @@ class SweepPoint:
 class ReferenceCache:
     """The reference solver's results per sample index, reused across sweeps.
 
-    Valid while ``key`` (seed, sampling settings, tolerances, group size, latent shape,
-    extractor) holds;
-    the backbone must stay the same (it is frozen in SideNet training).
+    Valid while ``key`` (backbone object, seed, guidance, tolerances, group size, latent shape,
+    extractor) holds; the backbone's weights must not change (they are frozen in SideNet
+    training).
     """
 
     key: Optional[Tuple[Any, ...]] = None

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from bafm.config import ExperimentConfig, run_dir, to_container
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepEngine, SweepInputError, SweepResult
 from bafm.eval.inputs import check_sweep_inputs, load_models
+from bafm.eval.report import NpzSampleWriter, atomic_write_text, log_tensorboard, write_reports
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -43,10 +48,6 @@ def sweep(
     Raises:
         SweepInputError: bad solver, budget or missing file, before any model is loaded.
     """
-    import torch
-
-    from bafm.eval.report import NpzSampleWriter, atomic_write_text, log_tensorboard, write_reports
-
     ec = cfg.eval
     solvers = list(ec.solvers)
     budgets = {k: list(v) for k, v in ec.budgets.items()}
@@ -67,28 +68,25 @@ def sweep(
             result = engine.run(backbone, sidenet, solvers=solvers, budgets=budgets, num_samples=int(ec.num_samples),
                                 device=device, progress=progress, sample_sink=sink)
         if rank == 0:
-            from omegaconf import OmegaConf
-
             write_reports(result.rows, result.grids, dest, title=f"{cfg.name}: FID vs NFE")
             atomic_write_text(dest / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
-            _log_tensorboard(dest / "tensorboard", result, log_tensorboard)
+            _log_tensorboard(dest / "tensorboard", result)
             if print_table:
                 print(result.markdown(), end="")
                 print(f"results: {dest}")
     finally:
         if created:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     return result
 
 
-def _log_tensorboard(folder: Path, result: SweepResult, log: Any) -> None:
+def _log_tensorboard(folder: Path, result: SweepResult) -> None:
+    """Scalars per solver with step = NFE, and the grids, under ``folder``."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(folder))
     try:
-        log(writer, result.rows, result.grids)
+        log_tensorboard(writer, result.rows, result.grids)
     finally:
         writer.close()
 

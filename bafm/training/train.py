@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCh
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bafm.config import ExperimentConfig, checkpoint_dir, run_dir, to_container
+from bafm.eval.report import atomic_write_text
+from bafm.eval.sampler import latent_shape
 from bafm.models.loading import load_backbone, save_sidenet
 from bafm.models.sidenet import SideNet
 from bafm.training.ba_loss import ChainLossConfig
@@ -58,6 +60,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: List[Callback]) -> L.Trainer
         fast_dev_run=tc.fast_dev_run, deterministic=tc.deterministic,
         enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
         use_distributed_sampler=False,  # the WebDataset loader splits by node itself
+        limit_val_batches=0,  # quality is measured by the NFE-sweep callback, not a val loss
     )
 
 
@@ -68,12 +71,12 @@ def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> 
                    num_heads=sc.num_heads, num_classes=num_classes)
 
 
-def check_shapes(backbone: torch.nn.Module, latent_shape: tuple, num_classes: int, what: str) -> None:
+def check_shapes(backbone: torch.nn.Module, data_shape: tuple, num_classes: int, what: str) -> None:
     """Fail before the first step if the backbone cannot take the data's latents."""
-    expected = (backbone.in_channels, backbone.input_size, backbone.input_size)
-    if tuple(latent_shape) != expected:
+    expected = latent_shape(backbone)
+    if tuple(data_shape) != expected:
         raise ValueError(
-            f"latent shape mismatch: the data ({what}) has latents of shape {tuple(latent_shape)} (C, H, W) "
+            f"latent shape mismatch: the data ({what}) has latents of shape {tuple(data_shape)} (C, H, W) "
             f"but the backbone expects {expected}; check data.* and backbone.path")
     if num_classes > backbone.num_classes:
         raise ValueError(
@@ -90,7 +93,9 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         ensure_digits_shards(cfg)
     datamodule = LatentDataModule(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")
-    backbone = load_backbone(cfg.backbone.path, arch=cfg.backbone.arch, source=cfg.backbone.source)
+    bc = cfg.backbone
+    backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, depth=bc.depth,
+                             hidden_size=bc.hidden_size, num_heads=bc.num_heads)
     check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
     sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes)
     lc = cfg.loss
@@ -107,9 +112,11 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
                         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=-1,
                         save_last=True),
         OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
-        NFESweepCallback(cfg),
-        TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)),
     ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
+    if cfg.eval.every_n_steps > 0 and not cfg.trainer.fast_dev_run:
+        callbacks.append(NFESweepCallback(cfg))
     trainer = build_trainer(cfg, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
@@ -120,13 +127,11 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         return 130
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         export = checkpoint_dir(cfg) / "sidenet.safetensors"
-        save_sidenet(module.ema_sidenet, export, extra_config={
-            "experiment": cfg.name, "steps": trainer.global_step, "backbone": cfg.backbone.path,
-            "train_seconds": round(seconds, 1)})
-        metrics_file = run_dir(cfg) / "train_summary.json"
+        save_sidenet(module.ema_sidenet, export)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        metrics_file.write_text(json.dumps({"steps": trainer.global_step, "seconds": round(seconds, 1),
-                                            "metrics": metrics}, indent=2))
+        summary = {"experiment": cfg.name, "steps": trainer.global_step, "seconds": round(seconds, 1),
+                   "backbone": cfg.backbone.path, "sidenet": str(export), "metrics": metrics}
+        atomic_write_text(run_dir(cfg) / "train_summary.json", json.dumps(summary, indent=2))
         print(f"\nTrained {trainer.global_step} steps in {seconds / 60:.1f} min.")
         print(f"  EMA SideNet:        {export} (+ {export.with_suffix('.json').name})")
         print(f"  resumable ckpts:    {ckpt_dir}")

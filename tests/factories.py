@@ -1,0 +1,62 @@
+"""Tiny models and synthetic shards for end-to-end tests (seconds on a CPU)."""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+
+from bafm.data.shards import ShardWriter, update_manifest
+from bafm.models.classifier import DigitsClassifier, save_classifier
+from bafm.models.loading import save_backbone
+from bafm.models.sit import build_sit
+
+
+def tiny_digits_models(root: Path) -> Dict[str, Path]:
+    """A random tiny SiT (16x16x1, 10 classes) and digits classifier saved under ``root``."""
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    backbone = build_sit("SiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1,
+                         hidden_size=32, num_heads=2)
+    for p in backbone.parameters():  # adaLN-Zero starts at exactly zero output: give it a field
+        p.data.add_(0.02 * torch.randn_like(p))
+    save_backbone(backbone, root / "backbone.safetensors")
+    classifier = DigitsClassifier(channels=(4, 8, 8))
+    save_classifier(classifier, root / "classifier.safetensors", {"val_accuracy": 0.0})
+    return {"backbone": root / "backbone.safetensors", "classifier": root / "classifier.safetensors"}
+
+
+def tiny_digits_overrides(tmp_path: Path) -> list:
+    """Overrides that point ``experiments/digits.yaml`` at tiny models and ``tmp_path`` folders."""
+    paths = tiny_digits_models(tmp_path / "models")
+    return [
+        f"backbone.path={paths['backbone']}", f"eval.classifier_path={paths['classifier']}",
+        f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={tmp_path / 'checkpoints'}",
+        f"data.root={tmp_path / 'data'}", "backbone.depth=null", "backbone.hidden_size=null",
+        "backbone.num_heads=null", "sidenet.channels=8", "sidenet.emb_dim=16", "sidenet.depth=2",
+        "sidenet.num_heads=1", "loss.links=2", "data.batch_size=16", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "eval.callback_num_samples=20", "eval.batch_size=20",
+        "eval.grid_images=4", "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3",
+    ]
+
+
+def synthetic_shards(folder: Path, shape=(4, 8, 8), n: int = 64, num_classes: int = 10, per_shard: int = 32,
+                     scaling_factor: float = 0.18215) -> Path:
+    """Random latent moments in ``folder`` as a ``train`` split with its manifest."""
+    rng = np.random.default_rng(0)
+    c, h, w = shape
+    records = []
+    for shard, start in enumerate(range(0, n, per_shard)):
+        with ShardWriter(folder / f"train-{shard:06d}.tar") as writer:
+            for i in range(start, min(start + per_shard, n)):
+                mean = rng.standard_normal((c, h, w)).astype(np.float16)
+                std = np.full((c, h, w), 0.1, np.float16)
+                writer.write(f"{i:06d}", np.concatenate([mean, std]), i % num_classes)
+            records.append(asdict(writer.commit()))
+    common = {"dataset": folder.name, "source": "synthetic", "encoder": {"kind": "synthetic"},
+              "scaling_factor": scaling_factor, "dtype": "float16", "moments_shape": [2 * c, h, w],
+              "latent_shape": [c, h, w], "has_flip": False, "num_classes": num_classes,
+              "class_names": [str(k) for k in range(num_classes)], "preprocessing": {}}
+    update_manifest(folder, common, "train", {"count": n, "num_shards": len(records), "shards": records})
+    return folder

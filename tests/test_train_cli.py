@@ -1,0 +1,92 @@
+"""``bafm train`` end to end on the embedded default with tiny models (and DDP, slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bafm.cli import main
+from bafm.models.loading import load_sidenet
+from factories import synthetic_shards, tiny_digits_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "experiments" / "digits.yaml")
+
+
+def _events(run: Path) -> EventAccumulator:
+    files = sorted((run / "train").glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard events in {run / 'train'}"
+    acc = EventAccumulator(str(run / "train"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_train_logs_sweeps_exports_and_resumes(tmp_path, capsys):
+    args = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=4",
+            "eval.every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "eval.callback_budgets=[4]"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    exported = tmp_path / "checkpoints" / "digits" / "sidenet.safetensors"
+    assert str(exported) in out and exported.is_file()
+    sidenet = load_sidenet(exported)
+    assert sidenet.config["channels"] == 8 and not any(p.requires_grad for p in sidenet.parameters())
+
+    acc = _events(tmp_path / "runs" / "digits")
+    scalars = set(acc.Tags()["scalars"])
+    for solver in ("ba", "euler"):
+        for metric in ("fid", "is", "traj_rmse"):
+            assert f"sweep/{metric}/{solver}_nfe4" in scalars
+        assert f"samples/{solver}_nfe4" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("sweep/fid/ba_nfe4")] == [2, 4]
+    assert {"train/loss", "params/trainable"} <= scalars
+    assert (tmp_path / "runs" / "digits" / "train_sweeps" / "step0000004.csv").is_file()
+
+    # Resume from the newest checkpoint and train two more steps.
+    assert main(args[:-3] + ["trainer.max_steps=6", "trainer.resume=last", "eval.every_n_steps=0"]) == 0
+    summary = json.loads((tmp_path / "runs" / "digits" / "train_summary.json").read_text())
+    assert summary["steps"] == 6
+
+
+def test_shape_mismatch_fails_before_training(tmp_path):
+    overrides = tiny_digits_overrides(tmp_path)
+    synthetic_shards(tmp_path / "data" / "syn4", shape=(4, 8, 8))
+    with pytest.raises(ValueError, match=r"latent shape mismatch.*\(4, 8, 8\).*\(1, 16, 16\)"):
+        main(["train", "--config", DIGITS, *overrides, "data.source=folder", "data.dataset=syn4"])
+
+
+@pytest.mark.parametrize("experiment", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
+def test_fast_dev_run_every_experiment(tmp_path, experiment):
+    """Every experiment's training path runs one step (tiny models and data of its latent shape)."""
+    from bafm.config import load_config
+
+    cfg = load_config(ROOT / "experiments" / experiment)
+    overrides = tiny_digits_overrides(tmp_path)
+    if cfg.data.source != "digits":  # real-data experiments: synthetic latents of a tiny shape
+        from bafm.models.loading import save_backbone
+        from bafm.models.sit import build_sit
+
+        synthetic_shards(tmp_path / "data" / cfg.data.dataset, shape=(4, 8, 8))
+        backbone = build_sit(cfg.backbone.arch, input_size=8, in_channels=4, num_classes=10, depth=1,
+                             hidden_size=32, num_heads=2)
+        save_backbone(backbone, tmp_path / "models" / "big.safetensors")
+        overrides += [f"backbone.path={tmp_path / 'models' / 'big.safetensors'}", "backbone.depth=1",
+                      "backbone.hidden_size=32", "backbone.num_heads=2"]
+    overrides += ["trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    assert main(["train", "--config", str(ROOT / "experiments" / experiment), *overrides]) == 0
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "bafm", "train", "--config", DIGITS, *tiny_digits_overrides(tmp_path),
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=3",
+           "eval.every_n_steps=3", "eval.callback_budgets=[4]"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    acc = _events(tmp_path / "runs" / "digits")
+    assert "sweep/fid/ba_nfe4" in acc.Tags()["scalars"]
+    assert (tmp_path / "checkpoints" / "digits" / "sidenet.safetensors").is_file()
