@@ -57,7 +57,13 @@ class BackboneConfig:
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
-    compile: bool = False
+    # Speed switches (bafm.models.fast.optimize_from_config); the defaults keep eager float32.
+    compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
+    compile_mode: str = "default"  # big GEMMs are at cuBLAS speed already; autotuning costs minutes
+    compile_scope: str = "blocks"  # blocks: one shared graph for the identical blocks (seconds) | model
+    channels_last: bool = True  # NHWC latents into the patch embedding (tokens come out contiguous)
+    cuda_graphs: bool = False  # replay one CUDA graph per input shape (CUDA only)
+    precision: str = "float32"  # float32 | bfloat16 | float16: weights and activations when sampling
 
 
 @dataclass
@@ -69,7 +75,12 @@ class SideNetConfig:
     emb_dim: int = 256
     depth: int = 4
     num_heads: int = 4
-    compile: bool = False
+    # Speed switches (bafm.models.fast.optimize_from_config); the defaults keep eager float32.
+    compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
+    compile_mode: str = "max-autotune-no-cudagraphs"  # small fixed-shape calls: autotuning pays off
+    channels_last: bool = True  # NHWC activations: fused channel RMSNorm, copy-free attention
+    cuda_graphs: bool = False  # replay one CUDA graph per input shape (CUDA only)
+    precision: str = "float32"  # float32 | bfloat16 | float16: weights and activations when sampling
 
 
 @dataclass

@@ -9,22 +9,29 @@ import torch
 
 from bafm.data.shards import ShardWriter, update_manifest
 from bafm.models.classifier import DigitsClassifier, save_classifier
-from bafm.models.loading import save_backbone
+from bafm.models.loading import save_backbone, save_sidenet
+from bafm.models.sidenet import SideNet
 from bafm.models.sit import build_sit
 
 
 def tiny_digits_models(root: Path) -> Dict[str, Path]:
-    """A random tiny SiT (16x16x1, 10 classes) and digits classifier saved under ``root``."""
+    """A random tiny SiT (16x16x1, 10 classes), SideNet and digits classifier saved under ``root``.
+
+    Both networks start with zeroed outputs (adaLN-Zero, zero output conv); a little noise on
+    every weight gives them a non-trivial field, so metrics computed from them are informative.
+    """
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
     backbone = build_sit("SiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1,
                          hidden_size=32, num_heads=2)
-    for p in backbone.parameters():  # adaLN-Zero starts at exactly zero output: give it a field
-        p.data.add_(0.02 * torch.randn_like(p))
+    sidenet = SideNet(in_channels=1, channels=16, emb_dim=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for p in [*backbone.parameters(), *sidenet.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
     save_backbone(backbone, root / "backbone.safetensors")
-    classifier = DigitsClassifier(channels=(4, 8, 8))
-    save_classifier(classifier, root / "classifier.safetensors", {"val_accuracy": 0.0})
-    return {"backbone": root / "backbone.safetensors", "classifier": root / "classifier.safetensors"}
+    save_sidenet(sidenet, root / "sidenet.safetensors")
+    save_classifier(DigitsClassifier(channels=(8, 16, 32)).eval(), root / "classifier.safetensors")
+    return {name: root / f"{name}.safetensors" for name in ("backbone", "sidenet", "classifier")}
 
 
 def tiny_digits_overrides(tmp_path: Path) -> list:

@@ -6,7 +6,6 @@ import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import lightning as L

@@ -1,7 +1,5 @@
 """SideNetModule: frozen backbone, trainable SideNet, exact resume, and a SideNet that helps."""
 
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch

@@ -1,38 +1,13 @@
 """``bafm eval-nfe-sweep`` end to end on tiny models, and its input checks."""
 
 import numpy as np
-import pytest
-import torch
 
 from bafm.cli import main
 from bafm.eval.report import read_csv
-from bafm.models.classifier import DigitsClassifier, save_classifier
-from bafm.models.loading import save_backbone, save_sidenet
-from bafm.models.sidenet import SideNet
-from bafm.models.sit import build_sit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: extra threads only add synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny backbone, SideNet and classifier files for the digits experiment."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    backbone = build_sit("SiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1, hidden_size=32,
-                         num_heads=2)
-    save_backbone(backbone, root / "backbone.safetensors")
-    sidenet = SideNet(in_channels=1, channels=16, emb_dim=32, depth=2, num_heads=2, num_classes=10)
-    save_sidenet(sidenet, root / "sidenet.safetensors")
-    save_classifier(DigitsClassifier(channels=(8, 16, 32)).eval(), root / "classifier.safetensors")
-    return root
 
 
 def _args(repo_root, tiny, tmp_path, *extra):

@@ -14,7 +14,7 @@ class (the edit). Guidance, if any, lives in the closures of ``bafm.models.guida
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -99,7 +99,8 @@ def solve_grid(
                     f"solver '{solver}' spends {spent} NFE on the given {t_grid.numel() - 1}-step grid, not {nfe}"
                 )
     if not (float(t_grid[0]) == 1.0 and float(t_grid[-1]) == 0.0):
-        raise ValueError(f"grid must run between t = 0 and t = 1, got endpoints {float(t_grid[-1])}, {float(t_grid[0])}")
+        ends = (float(t_grid[-1]), float(t_grid[0]))
+        raise ValueError(f"grid must run between t = 0 and t = 1, got endpoints {ends}")
     return t_grid.flip(0) if increasing else t_grid
 
 
@@ -109,7 +110,7 @@ def _solve(
     solver: str,
     t_grid: Tensor,
     side_fn: Optional[SideFn],
-    options: dict,
+    options: Dict[str, Any],
 ) -> SolveResult:
     """Call the solver, handing ``side_fn`` only to the solvers that take one."""
     fn = get_solver(solver)
@@ -237,7 +238,7 @@ def edit_latents(
                     side_velocity=side_velocity if uses_side else None)
     v_src, s_src = build_sampling_fns(backbone_velocity, source, **guidance)
     v_tgt, s_tgt = build_sampling_fns(backbone_velocity, target, **guidance)
-    common: dict = dict(grid=grid, shift=shift, **solver_options)
+    common: Dict[str, Any] = dict(grid=grid, shift=shift, **solver_options)
     inverted = invert(v_src, x0, solver, nfe, s_src, **common)
     recon = generate(v_src, inverted.x, solver, nfe, s_src, **common)
     edited = generate(v_tgt, inverted.x, solver, nfe, s_tgt, **common)

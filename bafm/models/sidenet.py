@@ -24,8 +24,23 @@ from torch import nn
 from bafm.models.layers import LabelEmbedder, TimestepEmbedder
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when ``(B, C, H, W)`` is stored channels-last (NHWC) and not also plain contiguous."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def channel_rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Parameter-free RMS normalisation over the channel axis of ``(B, C, H, W)``."""
+    """Parameter-free RMS normalisation over the channel axis of ``(B, C, H, W)``.
+
+    ``x * rsqrt(mean_c(x^2) + eps)``, accumulated in float32 for half-precision inputs and
+    returned in ``x``'s dtype and memory layout. On channels-last storage the channel axis is the
+    innermost one, so the fused ``F.rms_norm`` kernel runs on the NHWC view (one pass, no copy).
+    """
+    if is_channels_last(x):
+        return F.rms_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=eps).permute(0, 3, 1, 2)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)).to(x.dtype)
     return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
 
 
@@ -77,11 +92,23 @@ class SideAttentionBlock(nn.Module):
         scale, shift = _scale_shift(self.emb_proj, emb, C)
         h = torch.addcmul(shift, channel_rms_norm(x), scale + 1.0)
         # qkv channels are laid out as (3, heads, head_dim); positions become the sequence axis.
-        qkv = self.qkv(h).reshape(B, 3, self.num_heads, self.head_dim, H * W)
-        # Contiguous q/k/v: SDPA on strided views is several times slower on CPU.
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)  # (B, heads, HW, head_dim) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
-        out = out.transpose(2, 3).reshape(B, C, H, W)
+        qkv = self.qkv(h)  # (B, 3C, H, W)
+        if is_channels_last(qkv):
+            # NHWC storage: token-major (B, HW, 3, heads, head_dim) is a free view, and so are q/k/v
+            # (unit last stride), which CUDA's fused attention kernels read without a copy.
+            qkv = qkv.permute(0, 2, 3, 1).reshape(B, H * W, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, HW, head_dim) each
+            if not qkv.is_cuda:  # CPU SDPA is several times slower on strided views
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+            out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+            out = out.contiguous(memory_format=torch.channels_last)
+        else:
+            qkv = qkv.reshape(B, 3, self.num_heads, self.head_dim, H * W)
+            # Contiguous q/k/v (one copy): SDPA on strided views is several times slower on CPU.
+            q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)  # (B, heads, HW, head_dim) each
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+            out = out.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj(out)
 
 
