@@ -33,7 +33,8 @@ from bench_sampling import PRESETS, AutocastVelocity, build_models  # noqa: E402
 from common import (RESULTS_DIR, Deadline, ResultFile, free_memory, peak_memory_gib, pick_device,  # noqa: E402
                     reset_peak_memory, synchronize)  # fmt: skip
 
-from bafm.models.fast import enable_tf32, optimize_for_inference, training_velocity  # noqa: E402
+from bafm.models.fast import FallbackChain, FastVelocity, enable_tf32, optimize_for_inference  # noqa: E402
+from bafm.models.fast import training_velocity  # noqa: E402
 from bafm.training.ba_loss import ChainLossConfig, chain_loss  # noqa: E402
 
 VARIANTS = ("eager", "compiled")
@@ -41,7 +42,7 @@ VARIANTS = ("eager", "compiled")
 
 def make_step(backbone_velocity: Callable[..., torch.Tensor], side_velocity: Callable[..., torch.Tensor],
               sidenet: nn.Module, device: torch.device, links: int, num_classes: int,
-              label_dropout: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor, int], float]:
+              label_dropout: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """One optimisation step as the training module runs it; returns ``step(x0, y, seed) -> loss``."""
     params = [p for p in sidenet.parameters() if p.requires_grad]
     fused = device.type == "cuda"
@@ -51,6 +52,7 @@ def make_step(backbone_velocity: Callable[..., torch.Tensor], side_velocity: Cal
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def step(x0: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """One step on clean latents ``x0`` (B, C, H, W) and labels ``y`` (B,); returns the loss."""
         generator = torch.Generator(device=device).manual_seed(seed)
         drop = torch.rand(y.shape[0], generator=generator, device=device) < label_dropout
         y = torch.where(drop, torch.full_like(y, num_classes), y)
@@ -106,9 +108,9 @@ def measure(variant: str, backbone: nn.Module, sidenet: nn.Module, device: torch
     loss_values = [float(v) for v in losses]
     if not all(torch.isfinite(torch.tensor(loss_values))):
         raise FloatingPointError(f"non-finite training loss in variant {variant}: {loss_values}")
-    if variant == "compiled":
-        paths = {"backbone": fast_backbone.active_path, "sidenet": side_velocity.active,  # type: ignore[attr-defined]
-                 "fallbacks": list(fast_backbone.fallbacks) + list(side_velocity.fallbacks)}  # type: ignore[attr-defined]
+    if isinstance(fast_backbone, FastVelocity) and isinstance(side_velocity, FallbackChain):
+        paths = {"backbone": fast_backbone.active_path, "sidenet": side_velocity.active,
+                 "fallbacks": list(fast_backbone.fallbacks) + list(side_velocity.fallbacks)}  # fmt: skip
     return {
         "images_per_s": round(steps * batch / seconds, 3),
         "step_ms": round(1e3 * seconds / steps, 3),
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="inductor")
     p.add_argument("--backbone", default=None, help="backbone checkpoint (default: random weights)")
     p.add_argument("--source", default="repa", choices=["repa", "sit"])
+    p.add_argument("--sidenet", default=None, help="initial SideNet weights (default: random)")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", default=None)
     return p
@@ -147,13 +150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cuda = device.type == "cuda"
     if cuda:
         enable_tf32()
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     preset = args.preset or ("sit-xl2" if cuda else "tiny")
     batch_sizes = args.batch_sizes or ([64] if cuda else [4])
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     steps = args.steps if args.steps is not None else (10 if cuda else 2)
     out = Path(args.out) if args.out else RESULTS_DIR / ("training_gpu.json" if cuda else "training_cpu_tiny.json")
     deadline = Deadline(args.budget_s)
-    backbone, sidenet, model_info = build_models(preset, device, args.backbone, None, args.source)
+    backbone, sidenet, model_info = build_models(preset, device, args.backbone, args.sidenet, args.source)
     settings = {**model_info, "batch_sizes": batch_sizes, "links": args.links, "variants": args.variants,
                 "warmup_steps": warmup, "timed_steps": steps, "side_mode": args.side_mode,
                 "precision": "bf16 autocast (SideNet float32 weights)" if cuda else "float32",

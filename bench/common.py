@@ -50,6 +50,7 @@ def device_info(device: torch.device) -> Dict[str, Any]:
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             multiprocessors=props.multi_processor_count,
             tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
         try:
             import triton

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +25,16 @@ from bafm.models.sidenet import SideNet
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # "model": the whole velocity is one graph; "blocks": each of ``module.blocks`` is compiled alone.
 COMPILE_SCOPES = ("model", "blocks")
+# A torch.compile backend: a registered name or a callable ``(GraphModule, example_inputs) -> callable``.
+Backend = Union[str, Callable[..., Any]]
 PRECISIONS: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Modes whose inductor code records its own CUDA graphs (which reuse output memory between calls).
 _INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _backend_name(backend: Backend) -> str:
+    """A backend's name for settings and messages."""
+    return backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
 
 
 def enable_tf32() -> None:
@@ -49,6 +56,7 @@ def parse_precision(name: str) -> torch.dtype:
 
 
 def _check_mode(mode: str, cuda_graphs: bool) -> None:
+    """Raise ValueError for an unknown mode or inductor graphs combined with ``cuda_graphs``."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode is '{mode}', expected one of: {', '.join(COMPILE_MODES)}")
     if cuda_graphs and mode in _INDUCTOR_GRAPH_MODES:
@@ -58,14 +66,15 @@ def _check_mode(mode: str, cuda_graphs: bool) -> None:
         )
 
 
-def compile_fn(fn: Callable[..., Any], *, mode: str = "default", backend: str = "inductor",
+def compile_fn(fn: Callable[..., Any], *, mode: str = "default", backend: Backend = "inductor",
                fullgraph: bool = True) -> Callable[..., Any]:
     """``torch.compile`` with static shapes (each batch size gets its own specialised kernels).
 
     Args:
         fn: function or bound method to compile.
         mode: one of ``COMPILE_MODES`` (inductor only; ignored for other backends).
-        backend: ``"inductor"`` for generated kernels; ``"eager"`` / ``"aot_eager"`` only trace.
+        backend: ``"inductor"`` for generated kernels; ``"eager"`` / ``"aot_eager"`` only trace; or a
+            custom backend callable.
         fullgraph: fail on any graph break instead of silently splitting the graph.
 
     Returns:
@@ -73,6 +82,7 @@ def compile_fn(fn: Callable[..., Any], *, mode: str = "default", backend: str = 
     """
     _raise_recompile_limit()
     if backend == "inductor":
+        _tune_inductor()
         return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=fullgraph, dynamic=False)
     return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
 
@@ -94,11 +104,13 @@ class GraphedFunction:
 
     @staticmethod
     def _signature(args: Sequence[Any]) -> Tuple[Any, ...]:
+        """Cache key of one call: each tensor's shape, strides, dtype and device, other values as is."""
         return tuple(
             (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else ("value", a) for a in args
         )
 
     def _capture(self, args: Sequence[Any]) -> Tuple[List[Any], Tensor, "torch.cuda.CUDAGraph"]:
+        """Warm up on a side stream, then capture; returns (static inputs, static output, graph)."""
         static = [a.clone() if isinstance(a, Tensor) else a for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -160,12 +172,13 @@ class FallbackChain:
         return self.implementations[0][0]
 
     def __call__(self, *args: Any) -> Any:
+        """``fn(*args)`` of the first implementation that works."""
         while len(self.implementations) > 1:
             name, fn = self.implementations[0]
             try:
                 return fn(*args)
             except Exception as err:  # any failure of a fast path: degrade, report, continue
-                reason = (str(err).strip().splitlines() or [""])[0][:300]
+                reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
                 message = (f"{self.what}: '{name}' failed ({type(err).__name__}: {reason}); "
                            f"falling back to '{self.implementations[1][0]}'")  # fmt: skip
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -183,6 +196,18 @@ def _to_layout(x: Tensor, dtype: Optional[torch.dtype], channels_last: bool) -> 
     return x.to(dtype=dtype or x.dtype)
 
 
+def _tune_inductor() -> None:
+    """Inductor settings for these models (global, set when an inductor compile is requested).
+
+    1x1 convolutions (SideNet pointwise convs, qkv and output projections) are lowered as matrix
+    products on channels-last data, which lets max-autotune fuse the surrounding normalisation,
+    modulation, SiLU and residual adds into the GEMM instead of extra passes over the activations.
+    """
+    import torch._inductor.config as inductor_config  # deferred: only compiled paths need inductor
+
+    inductor_config.conv_1x1_as_mm = True
+
+
 def _raise_recompile_limit(limit: int = 64) -> None:
     """Allow one specialisation per batch shape and per block (dynamo's default keeps only 8)."""
     config = torch._dynamo.config
@@ -191,7 +216,7 @@ def _raise_recompile_limit(limit: int = 64) -> None:
             setattr(config, name, limit)
 
 
-def compile_blocks(module: nn.Module, *, mode: str = "default", backend: str = "inductor",
+def compile_blocks(module: nn.Module, *, mode: str = "default", backend: Backend = "inductor",
                    fullgraph: bool = True) -> Callable[[], None]:
     """Regional compilation: compile each of ``module.blocks`` in place instead of the whole model.
 
@@ -217,6 +242,7 @@ def compile_blocks(module: nn.Module, *, mode: str = "default", backend: str = "
     _raise_recompile_limit()
     kwargs: Dict[str, Any] = dict(fullgraph=fullgraph, dynamic=False)
     if backend == "inductor":
+        _tune_inductor()
         kwargs["mode"] = None if mode == "default" else mode
     else:
         kwargs["backend"] = backend
@@ -224,6 +250,7 @@ def compile_blocks(module: nn.Module, *, mode: str = "default", backend: str = "
         block.compile(**kwargs)
 
     def restore() -> None:
+        """Put the eager forward back on every block."""
         for block in blocks:
             block._compiled_call_impl = None  # what nn.Module.compile set; None is the eager call
 
@@ -238,6 +265,7 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def _velocity_arity(module: nn.Module) -> int:
+    """Number of arguments of ``module.velocity`` (3: backbone, 5: SideNet); TypeError if absent."""
     velocity = getattr(module, "velocity", None)
     if velocity is None or not callable(velocity):
         raise TypeError(f"{type(module).__name__} has no .velocity method to optimise")
@@ -254,8 +282,9 @@ class FastVelocity(nn.Module):
     """
 
     def __init__(self, module: nn.Module, *, compile: bool, mode: str, channels_last: bool,
-                 dtype: Optional[torch.dtype], cuda_graphs: bool = False, backend: str = "inductor",
+                 dtype: Optional[torch.dtype], cuda_graphs: bool = False, backend: Backend = "inductor",
                  fullgraph: bool = True, compile_scope: str = "model") -> None:
+        """Wrap ``module`` (already cast and laid out); arguments as in :func:`optimize_for_inference`."""
         super().__init__()
         _check_mode(mode, cuda_graphs)
         if compile_scope not in COMPILE_SCOPES:
@@ -266,8 +295,8 @@ class FastVelocity(nn.Module):
         self.channels_last = channels_last
         self.settings: Dict[str, Any] = dict(
             compile=compile, mode=mode, channels_last=channels_last, cuda_graphs=cuda_graphs,
-            dtype=str(dtype).replace("torch.", "") if dtype is not None else "as loaded", backend=backend,
-            fullgraph=fullgraph, compile_scope=compile_scope)  # fmt: skip
+            dtype=str(dtype).replace("torch.", "") if dtype is not None else "as loaded",
+            backend=_backend_name(backend), fullgraph=fullgraph, compile_scope=compile_scope)  # fmt: skip
         arity = _velocity_arity(module)
         if isinstance(module, SideNet):
             core: Callable[..., Tensor] = self._side_offset_velocity
@@ -284,9 +313,9 @@ class FastVelocity(nn.Module):
         restore: Dict[str, Callable[[], None]] = {}
         if compile and compile_scope == "model":
             compiled = compile_fn(core, mode=mode, backend=backend, fullgraph=fullgraph)
-            chain.insert(0, (f"compiled[{backend}:{mode}]", compiled))
+            chain.insert(0, (f"compiled[{_backend_name(backend)}:{mode}]", compiled))
         elif compile:  # blocks: compiled in place, so dropping this path must restore them
-            name = f"compiled-blocks[{backend}:{mode}]"
+            name = f"compiled-blocks[{_backend_name(backend)}:{mode}]"
             restore[name] = compile_blocks(module, mode=mode, backend=backend, fullgraph=fullgraph)
             chain.insert(0, (name, core))
         if cuda_graphs:
@@ -303,16 +332,19 @@ class FastVelocity(nn.Module):
 
     # Cores: cast the big state tensors in, run the network, cast the result back to the caller's dtype.
     def _side_offset_velocity(self, x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
+        """SideNet: the offset in the network's dtype, ``v + offset`` in the caller's."""
         offset = self.module(_to_layout(x, self.dtype, self.channels_last),
                              _to_layout(v, self.dtype, self.channels_last), t, h, y)  # fmt: skip
         return v + offset.to(dtype=v.dtype, memory_format=torch.contiguous_format)
 
     def _side_generic_velocity(self, x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
+        """Any other ``velocity(x, v, t, h, y)`` model, cast in and out."""
         out = self.module.velocity(_to_layout(x, self.dtype, self.channels_last),
                                    _to_layout(v, self.dtype, self.channels_last), t, h, y)  # fmt: skip
         return out.to(dtype=v.dtype, memory_format=torch.contiguous_format)
 
     def _backbone_velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Backbone ``velocity(x, t, y)``, cast in and out."""
         out = self.module.velocity(_to_layout(x, self.dtype, self.channels_last), t, y)
         return out.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
@@ -341,6 +373,7 @@ class FastVelocity(nn.Module):
         return self.velocity(*args)
 
     def __getattr__(self, name: str) -> Any:
+        """Attributes not found on the wrapper come from the wrapped model."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -350,7 +383,7 @@ class FastVelocity(nn.Module):
 
 def optimize_for_inference(module: nn.Module, *, compile: bool, mode: str = "max-autotune-no-cudagraphs",
                            channels_last: bool = True, dtype: Optional[torch.dtype] = None,
-                           cuda_graphs: bool = False, backend: str = "inductor",
+                           cuda_graphs: bool = False, backend: Backend = "inductor",
                            fullgraph: bool = True, compile_scope: str = "model") -> FastVelocity:
     """Prepare a frozen backbone or SideNet for fast sampling.
 
@@ -419,7 +452,7 @@ def optimize_from_config(module: nn.Module, cfg: Any) -> nn.Module:
 
 
 def training_velocity(sidenet: nn.Module, *, compile: bool, mode: str = "max-autotune-no-cudagraphs",
-                      channels_last: bool = True, backend: str = "inductor",
+                      channels_last: bool = True, backend: Backend = "inductor",
                       fullgraph: bool = True) -> Callable[..., Tensor]:
     """A trainable SideNet's ``velocity`` for the chain loss, channels-last and optionally compiled.
 
@@ -447,11 +480,12 @@ def training_velocity(sidenet: nn.Module, *, compile: bool, mode: str = "max-aut
         sidenet.to(memory_format=torch.channels_last)
 
     def velocity(x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
+        """``sidenet.velocity`` on channels-last inputs, returned contiguous."""
         out = sidenet.velocity(_to_layout(x, None, channels_last), _to_layout(v, None, channels_last), t, h, y)
         return out.contiguous()
 
     chain: List[Tuple[str, Callable[..., Tensor]]] = [("eager", velocity)]
     if compile:
-        chain.insert(0, (f"compiled[{backend}:{mode}]", compile_fn(velocity, mode=mode, backend=backend,
+        chain.insert(0, (f"compiled[{_backend_name(backend)}:{mode}]", compile_fn(velocity, mode=mode, backend=backend,
                                                                    fullgraph=fullgraph)))  # fmt: skip
     return FallbackChain(chain, type(sidenet).__name__)
