@@ -198,7 +198,7 @@ def test_reports(flow, ref_stats, tmp_path):
     assert "nfe_sweep/samples/euler" in acc.Tags()["images"]
 
 
-def _distributed_worker(rank, world, init_file, out_dir):
+def _distributed_worker(rank, world, init_file, out_dir, kwargs):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -207,7 +207,7 @@ def _distributed_worker(rank, world, init_file, out_dir):
         gm = GaussianMixtureFlow.random(SHAPE, num_classes=2, components_per_class=2, std=0.3,
                                         generator=torch.Generator().manual_seed(0))
         samples = {}
-        rows, grids = _sweep(gm, None, None, **_DIST_KW, sample_sink=lambda s, n, x: samples.__setitem__((s, n), x))
+        rows, grids = _sweep(gm, None, None, **kwargs, sample_sink=lambda s, n, x: samples.__setitem__((s, n), x))
         torch.save({"rows": rows, "grids": grids, "samples": samples}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -220,7 +220,7 @@ _DIST_KW = dict(solvers=["euler", "heun"], budgets={"euler": [3], "heun": [4]}, 
 def test_distributed_matches_single_process(flow, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path), _DIST_KW), nprocs=2, join=True)
     gm = GaussianMixtureFlow.random(SHAPE, num_classes=2, components_per_class=2, std=0.3,
                                     generator=torch.Generator().manual_seed(0))
     samples = {}
@@ -239,3 +239,14 @@ def test_distributed_matches_single_process(flow, tmp_path):
         torch.testing.assert_close(got0["grids"][key], grids[key], rtol=0, atol=0)
         torch.testing.assert_close(got0["samples"][key], samples[key], rtol=0, atol=0)
     assert samples[("euler", 3)].shape == (10, 4, 4, 1) and samples[("euler", 3)].dtype == torch.uint8
+
+
+def test_distributed_rank_without_samples(tmp_path):
+    """Fewer sample groups than ranks: the idle rank joins every collective and gets the rows."""
+    import torch.multiprocessing as mp
+
+    kwargs = {**_DIST_KW, "num_samples": 3, "reference_batch_size": 4, "grid_images": 3}
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kwargs), nprocs=2, join=True)
+    got0, got1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert repr(got0["rows"]) == repr(got1["rows"])
+    assert [r["n_samples"] for r in got0["rows"]] == [3, 3, 3]

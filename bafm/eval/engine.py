@@ -191,7 +191,8 @@ def evaluate_sweep(
     shape = tuple(shape) if shape is not None else latent_shape(backbone)
     groups = partition(num_samples, reference_batch_size, rank, world)
     local = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64)
-    batches = list(local.split(batch_size))
+    # A rank without samples (fewer groups than ranks) still joins every collective, with no batch.
+    batches = [b for b in local.split(batch_size) if b.numel()]
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
     key = (id(backbone), int(seed), tuple(shape), float(reference_rtol), float(reference_atol),
