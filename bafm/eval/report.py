@@ -84,11 +84,21 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def plot_fid_vs_nfe(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
-    """FID against NFE (log x), one curve per solver, the reference as a dashed line and a star.
+    """FID against NFE (log x, log y), one curve per solver, the reference as a dashed line."""
+    return plot_metric_vs_nfe(rows, path, "fid", "FID", title)
+
+
+def plot_metric_vs_nfe(rows: Sequence[Row], path: str | Path, metric: str, label: str, title: str = "") -> Path:
+    """A metric against NFE on log-log axes, one curve per solver.
+
+    The reference solver is drawn as a dashed line and a star (when its value is positive:
+    its trajectory error against itself is 0 and is left out).
 
     Args:
         rows: sweep rows.
         path: ``.png`` destination.
+        metric: row key, e.g. ``"fid"`` or ``"traj_rmse"``.
+        label: y-axis label.
         title: figure title.
 
     Returns:
@@ -103,22 +113,22 @@ def plot_fid_vs_nfe(rows: Sequence[Row], path: str | Path, title: str = "") -> P
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     by_solver: Dict[str, List[Tuple[int, float]]] = {}
     for row in rows:
-        by_solver.setdefault(row["solver"], []).append((int(row["nfe"]), float(row["fid"])))
+        by_solver.setdefault(row["solver"], []).append((int(row["nfe"]), float(row[metric])))
     for solver, pts in by_solver.items():
-        pts = sorted(p for p in pts if not math.isnan(p[1]))
+        pts = sorted(p for p in pts if not math.isnan(p[1]) and p[1] > 0)
         if not pts:
             continue
         if solver == REFERENCE:
-            nfe, fid = pts[0]
-            ax.axhline(fid, color="black", linestyle="--", linewidth=1.0, label=f"reference ({nfe} NFE)")
-            ax.plot([nfe], [fid], marker="*", color="black", markersize=10, linestyle="none")
+            nfe, value = pts[0]
+            ax.axhline(value, color="black", linestyle="--", linewidth=1.0, label=f"reference ({nfe} NFE)")
+            ax.plot([nfe], [value], marker="*", color="black", markersize=10, linestyle="none")
         else:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=solver)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # values span decades (a diverging low-NFE solver next to converged ones)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
-    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("NFE (backbone calls)")
-    ax.set_ylabel("FID")
+    ax.set_ylabel(label)
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -196,7 +206,7 @@ def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, 
 
 
 def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title: str = "") -> Dict[str, Path]:
-    """``results.csv``, ``results.md``, ``fid_vs_nfe.png`` and ``grids/*.png`` in ``out_dir``.
+    """``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``traj_rmse_vs_nfe.png``, ``grids/*.png`` in ``out_dir``.
 
     Returns:
         Name -> path of what was written.
@@ -206,6 +216,8 @@ def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title:
         "csv": atomic_write_text(out / "results.csv", rows_to_csv(rows)),
         "md": atomic_write_text(out / "results.md", markdown_table(rows)),
         "plot": plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=title),
+        "plot_traj": plot_metric_vs_nfe(rows, out / "traj_rmse_vs_nfe.png", "traj_rmse",
+                                        "trajectory RMSE vs. reference", title=title),
     }
     save_grids(grids, out / "grids")
     paths["grids"] = out / "grids"
