@@ -296,19 +296,14 @@ def _resolve_device(name: str) -> torch.device:
 def _load_models(
     cfg: ExperimentConfig, points: Sequence[Point], device: torch.device
 ) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """The frozen backbone, and the SideNet when a solver needs one."""
+    """The frozen backbone, and the SideNet when a solver needs one (the sweep's loader)."""
+    from bafm.eval.inputs import load_models
     from bafm.models.checkpoint_io import CheckpointError
-    from bafm.models.loading import load_backbone, load_sidenet
 
-    bc = cfg.backbone
     try:
-        backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, device=device,
-                                 depth=bc.depth, hidden_size=bc.hidden_size, num_heads=bc.num_heads)
-        needs_side = any(SOLVERS[name].uses_side_fn for name, _ in points)
-        sidenet = load_sidenet(sidenet_path(cfg), device=device) if needs_side else None
+        return load_models(cfg, [name for name, _ in points], device)
     except (CheckpointError, ValueError, TypeError) as err:
         raise EditInputError(str(err)) from None
-    return backbone, sidenet
 
 
 def _load_classifier(cfg: ExperimentConfig, decoded: Tensor, device: torch.device) -> Optional[nn.Module]:

@@ -110,12 +110,17 @@ def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) ->
         device: where the weights go.
 
     Returns:
-        ``(backbone, sidenet or None)``, both in eval mode without gradients.
+        ``(backbone, sidenet or None)``, both in eval mode without gradients, wrapped by
+        ``bafm.models.fast.optimize_from_config`` when a speed switch is on.
     """
+    from bafm.models.fast import optimize_from_config
     from bafm.models.loading import load_backbone, load_sidenet
 
     bc = cfg.backbone
     backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, device=device,
                              depth=bc.depth, hidden_size=bc.hidden_size, num_heads=bc.num_heads)
     sidenet = load_sidenet(sidenet_path(cfg), device=device) if needs_sidenet(solvers) else None
+    # Speed switches (compile, CUDA graphs, channels-last, precision) from backbone.* / sidenet.*.
+    backbone = optimize_from_config(backbone, bc)
+    sidenet = optimize_from_config(sidenet, cfg.sidenet) if sidenet is not None else None
     return backbone, sidenet
