@@ -21,7 +21,6 @@ Every input is checked before anything is sampled.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from bafm.config import ExperimentConfig, run_dir, sidenet_path, to_container
 from bafm.data.images import IMAGE_EXTENSIONS
 from bafm.editing.inversion import edit_latents, is_adaptive, steps_for_budget
+from bafm.eval import report
 from bafm.solvers import SOLVERS
 
 COLUMNS = ("solver", "nfe", "steps", "recon_psnr", "recon_latent_rmse", "edit_target_prob", "edit_target_acc",
@@ -437,28 +437,14 @@ def _notes(cfg: ExperimentConfig, has_classifier: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else format(value, ".6g")
-    return str(value)
-
-
 def rows_to_csv(rows: Sequence[Row]) -> str:
     """CSV text with the ``COLUMNS`` header."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_fmt(row[c]) for c in COLUMNS])
-    return buf.getvalue()
+    return report.rows_to_csv(rows, COLUMNS, ".6g")
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as a GitHub Markdown table (the CSV's columns)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return report.markdown_table(rows, COLUMNS, {c: ".6g" for c in COLUMNS})
 
 
 def render_grid(rows: Sequence[Tuple[str, Tensor]], header: Sequence[str]) -> bytes:

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,13 +50,13 @@ def _fmt(value: Any, spec: str) -> str:
     return str(value)
 
 
-def rows_to_csv(rows: Sequence[Row]) -> str:
-    """CSV text with exactly the columns ``solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples``."""
+def rows_to_csv(rows: Sequence[Row], columns: Sequence[str] = COLUMNS, spec: str = ".8g") -> str:
+    """CSV text with exactly ``columns`` (default ``solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples``)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_fmt(row[c], ".8g") for c in COLUMNS])
+        writer.writerow([_fmt(row[c], spec) for c in columns])
     return buf.getvalue()
 
 
@@ -74,12 +74,16 @@ def read_csv(path: str | Path) -> List[Dict[str, Any]]:
     return out
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    """The rows as a GitHub Markdown table (same columns as the CSV)."""
-    specs = {"fid": ".3f", "is": ".3f", "traj_rmse": ".4g", "seconds": ".4g"}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+SWEEP_SPECS = {"fid": ".3f", "is": ".3f", "traj_rmse": ".4g", "seconds": ".4g"}
+
+
+def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS,
+                   specs: Optional[Dict[str, str]] = None) -> str:
+    """The rows as a GitHub Markdown table (same columns as the CSV; ``specs``: format per column)."""
+    specs = SWEEP_SPECS if specs is None else specs
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c], specs.get(c, "")) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row[c], specs.get(c, "")) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
