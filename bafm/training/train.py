@@ -121,7 +121,12 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         callbacks.append(NFESweepCallback(cfg))
     trainer = build_trainer(cfg, callbacks)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
+    try:
+        # weights_only: resuming never unpickles code, even from a checkpoint of unknown origin.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg), weights_only=True)
+    except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown
+        if not trainer.interrupted:
+            raise
     seconds = time.perf_counter() - start
     if trainer.interrupted:
         print(f"training interrupted at step {trainer.global_step}; resume with trainer.resume=last "
