@@ -9,7 +9,6 @@ Prints latents/s and writes ``bench/results/loader_cpu.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

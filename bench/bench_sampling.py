@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from common import RESULTS_DIR, Deadline, ResultFile, free_memory, pick_device, randomize_zero_init_  # noqa: E402
+from common import RESULTS_DIR, Deadline, ResultFile, free_memory, prepare_device, randomize_zero_init_  # noqa: E402
 from common import profile_call, time_call, wall_time  # noqa: E402
 
 from bafm.models import SideNet, build_sit, count_parameters, load_backbone, load_sidenet  # noqa: E402
-from bafm.models.fast import enable_tf32, optimize_for_inference  # noqa: E402
+from bafm.models.fast import optimize_for_inference  # noqa: E402
 from bafm.models.guidance import build_sampling_fns  # noqa: E402
 from bafm.solvers import get_solver  # noqa: E402
 from bafm.solvers.bi_anchor import LOBATTO_ALPHA  # noqa: E402
@@ -272,11 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; write JSON after every measurement."""
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    device = prepare_device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        enable_tf32()
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     preset = args.preset or ("sit-xl2" if cuda else "tiny")
     batch_sizes = args.batch_sizes or ([16, 64, 256] if cuda else [2, 4])
     variants = args.variants or (list(VARIANTS) if cuda else ["naive", "eager", "compiled"])

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench_sampling import PRESETS, AutocastVelocity, build_models  # noqa: E402
-from common import (RESULTS_DIR, Deadline, ResultFile, free_memory, peak_memory_gib, pick_device,  # noqa: E402
+from common import (RESULTS_DIR, Deadline, ResultFile, free_memory, peak_memory_gib, prepare_device,  # noqa: E402
                     reset_peak_memory, synchronize)  # fmt: skip
 
-from bafm.models.fast import FallbackChain, FastVelocity, enable_tf32, optimize_for_inference  # noqa: E402
+from bafm.models.fast import FallbackChain, FastVelocity, optimize_for_inference  # noqa: E402
 from bafm.models.fast import training_velocity  # noqa: E402
 from bafm.training.ba_loss import ChainLossConfig, chain_loss  # noqa: E402
 
@@ -146,11 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; write JSON after every measurement."""
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    device = prepare_device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        enable_tf32()
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     preset = args.preset or ("sit-xl2" if cuda else "tiny")
     batch_sizes = args.batch_sizes or ([64] if cuda else [4])
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)

@@ -30,6 +30,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def prepare_device(name: str = "auto") -> torch.device:
+    """``pick_device``, and on CUDA the fast-math settings every benchmark uses."""
+    device = pick_device(name)
+    if device.type == "cuda":
+        from bafm.models.fast import enable_tf32
+
+        enable_tf32()
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    return device
+
+
 def device_info(device: torch.device) -> Dict[str, Any]:
     """Name and software versions of the machine a benchmark runs on."""
     info: Dict[str, Any] = {

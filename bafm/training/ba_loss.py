@@ -9,19 +9,19 @@ velocity start the next link, so the SideNet is trained on states its own rollou
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from bafm.solvers.bi_anchor import gauss_legendre
+
 BackboneVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SideVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # 3-point Gauss-Legendre rule on [0, 1]: nodes 1/2 -+ sqrt(15)/10, weights 5/18, 8/18, 5/18.
-GL3_NODES = (0.5 - math.sqrt(15.0) / 10.0, 0.5, 0.5 + math.sqrt(15.0) / 10.0)
-GL3_WEIGHTS = (5.0 / 18.0, 8.0 / 18.0, 5.0 / 18.0)
+GL3_NODES, GL3_WEIGHTS = gauss_legendre(3)
 
 
 @dataclass(frozen=True)

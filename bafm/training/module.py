@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bafm.models.layers import count_parameters
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
 
 BACKBONE_PREFIX = "backbone."
@@ -20,12 +21,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """A 63-bit seed for one (run seed, global step, rank): resumed runs redraw the same numbers."""
     digest = hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 class SideNetModule(L.LightningModule):
