@@ -185,6 +185,7 @@ class BackboneTrainConfig:
     ema_decay: float = 0.999
     label_dropout: float = 0.1
     out: str = "checkpoints/digits/backbone.safetensors"
+    snapshot_every: int = 0  # >0: also export the EMA weights every N steps to runs/<name>/backbone/snapshots
     classifier_steps: int = 1500
     classifier_out: str = "checkpoints/digits/classifier.safetensors"
 

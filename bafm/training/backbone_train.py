@@ -7,6 +7,7 @@ weights; the EMA weights are exported as ``.safetensors`` + JSON config.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -66,6 +67,31 @@ class FlowMatchingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+class EMASnapshots(L.Callback):
+    """Export the EMA weights every ``every`` steps, for a quality-versus-training-length curve.
+
+    With a constant learning rate the snapshot at step N equals the result of a run of N steps,
+    so a curve measured on snapshots tells how long ``backbone_train.steps`` has to be.
+    """
+
+    def __init__(self, folder: Path, every: int, extra_config: Dict[str, Any]) -> None:
+        self.folder, self.every, self.extra_config = folder, every, extra_config
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0:
+            ema = copy.deepcopy(pl_module.ema.module).cpu().eval()
+            save_backbone(ema, self.folder / f"ema_step{step:06d}.safetensors",
+                          extra_config={**self.extra_config, "snapshot_step": step})
+
+    # Checked before a batch and at the end, when the EMA holds exactly ``global_step`` updates.
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+
 def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
     """Train the digits backbone and export its EMA weights to ``cfg.backbone_train.out``.
 
@@ -89,6 +115,10 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
         log_every_n_steps=50, enable_checkpointing=False, gradient_clip_val=1.0,
         callbacks=[TQDMProgressBar(refresh_rate=20)], enable_model_summary=False,
     )
+    if bt.snapshot_every > 0:
+        trainer.callbacks.append(EMASnapshots(
+            run_dir(cfg) / "backbone" / "snapshots", bt.snapshot_every,
+            {"experiment": to_container(cfg)["name"]}))
     start = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - start
