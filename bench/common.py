@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from bafm.io import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -209,10 +211,7 @@ def _clean(value: Any) -> Any:
 
 def atomic_write_json(path: Path, payload: Dict[str, Any]) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_clean(payload), indent=2) + "\n")
 
 
 class ResultFile:

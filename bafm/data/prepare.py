@@ -26,12 +26,12 @@ from tqdm import tqdm
 from bafm.data.shards import (
     RECORDS_DIR,
     ShardWriter,
-    atomic_write_json,
     remove_stale_temps,
     shard_name,
     shard_record,
     update_manifest,
 )
+from bafm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -342,7 +342,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     from omegaconf import OmegaConf
 
     from bafm.data.vae import build_decoder
-    from bafm.eval.report import atomic_write_bytes, atomic_write_text
+    from bafm.io import atomic_write_bytes, atomic_write_text
 
     points = plan_points(cfg)
     check_inputs(cfg, points)

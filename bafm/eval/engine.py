@@ -253,7 +253,8 @@ class SweepResult:
 
     def write_csv(self, path: str | Path) -> Path:
         """Write ``results.csv``-style rows (exact columns) atomically to ``path``."""
-        from bafm.eval.report import atomic_write_text, rows_to_csv
+        from bafm.eval.report import rows_to_csv
+        from bafm.io import atomic_write_text
 
         return atomic_write_text(path, rows_to_csv(self.rows))
 

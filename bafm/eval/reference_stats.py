@@ -21,7 +21,7 @@ import torch
 
 from bafm.eval.features import FeatureExtractor
 from bafm.eval.metrics import FeatureStats, feature_statistics
-from bafm.eval.report import atomic_write_bytes
+from bafm.io import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "reference_stats.npz"

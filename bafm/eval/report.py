@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,28 +18,8 @@ import torch
 from torch import Tensor
 
 from bafm.eval.engine import COLUMNS, Grids, Row
+from bafm.io import atomic_write_bytes, atomic_write_text
 from bafm.eval.sampler import REFERENCE
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """UTF-8 text version of ``atomic_write_bytes``."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -21,7 +21,8 @@ from bafm.config import ExperimentConfig, run_dir, to_container
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepEngine, SweepInputError, SweepResult
 from bafm.eval.inputs import check_sweep_inputs, load_models
-from bafm.eval.report import NpzSampleWriter, atomic_write_text, log_tensorboard, write_reports
+from bafm.eval.report import NpzSampleWriter, log_tensorboard, write_reports
+from bafm.io import atomic_write_text
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:

@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from bafm.io import atomic_path, atomic_write_text
+
 CONFIG_METADATA_KEY = "bafm_config"
 # Wrapper prefixes added by DistributedDataParallel / DataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -204,7 +206,7 @@ def check_against(
 
 
 def write_weights(state: Mapping[str, torch.Tensor], path: str | Path, config: Dict[str, Any]) -> Path:
-    """Write ``<stem>.safetensors`` and ``<stem>.json``.
+    """Write ``<stem>.safetensors`` and ``<stem>.json``, each atomically.
 
     Args:
         state: the weights (any device/dtype; stored as given, on CPU).
@@ -220,12 +222,13 @@ def write_weights(state: Mapping[str, torch.Tensor], path: str | Path, config: D
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"export path '{path}' must end in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     text = json.dumps(config, indent=2, sort_keys=True)
-    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: text})
+    # Weights first, then the JSON: each file is replaced atomically (temp file + rename).
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: text})
     json_file = config_path(path)
-    json_file.write_text(text + "\n")
+    atomic_write_text(json_file, text + "\n")
     return json_file
 
 

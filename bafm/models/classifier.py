@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from bafm.io import atomic_path, atomic_write_json
 
 ARCH_NAME = "digits-cnn"
 
@@ -121,20 +121,6 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _atomic_replace(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: DigitsClassifier, path: str | Path, metrics: Optional[Dict[str, Any]] = None) -> Path:
     """Save weights (safetensors) and ``config + metrics`` (JSON sidecar), each atomically.
 
@@ -149,9 +135,9 @@ def save_classifier(model: DigitsClassifier, path: str | Path, metrics: Optional
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {**model.config(), **(metrics or {})}
-    _atomic_replace(path, lambda tmp: save_file(state, tmp, metadata={"arch": ARCH_NAME}))
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_replace(sidecar_path(path), lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"arch": ARCH_NAME})
+    atomic_write_json(sidecar_path(path), meta, sort_keys=True)
     return path
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCh
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bafm.config import ExperimentConfig, checkpoint_dir, run_dir, to_container
-from bafm.eval.report import atomic_write_text
+from bafm.io import atomic_write_text
 from bafm.eval.sampler import latent_shape
 from bafm.models.loading import load_backbone, save_sidenet
 from bafm.models.sidenet import SideNet

@@ -1,0 +1,104 @@
+"""Atomic file writing: the one way bafm puts a file on disk.
+
+Every writer goes through a temporary file in the target's own folder (so the final rename
+never crosses a filesystem, whatever ``$TMPDIR`` is), named uniquely per process and call,
+flushed and fsynced, given the permissions a plain ``open`` would give, then renamed over the
+target. A reader therefore sees either the old file or the new one, never half of one, and a
+failed write leaves no temporary file behind.
+
+Example:
+    >>> atomic_write_text(out / "results.md", table)
+    >>> with atomic_path(out / "weights.safetensors") as tmp:
+    ...     safetensors.torch.save_file(state, tmp)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _file_mode() -> int:
+    """``0o666`` less the process umask: what ``open(path, "w")`` would create."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened for it.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    For writers that need a file name (``safetensors.torch.save_file``, ``torch.save``,
+    ``tarfile``). The temporary file exists (empty) when the block starts. If the block
+    raises, the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the final file; its folder is created if missing.
+
+    Yields:
+        The temporary file's path, in the same folder as ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically.
+
+    Args:
+        path: the final file; its folder is created if missing.
+        data: the file's whole content.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; see ``atomic_write_bytes``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
+    """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
