@@ -1,19 +1,26 @@
-"""Sample-quality metrics as pure functions over cached statistics.
+"""Sample-quality metrics as pure functions over cached statistics and features.
 
-FID compares Gaussian fits (mean, covariance) of feature vectors; IS reads class logits. The
-formulas are torch-fidelity's (``fid_statistics_to_metric``, ``isc_features_to_metric``), so the
-numbers match the usual ImageNet tables; this module only fixes dtypes, shapes and edge cases.
+The ADM evaluation suite's set: FID and sFID compare Gaussian fits (mean, covariance) of
+feature vectors (pool features, resp. spatial features); IS reads class logits; precision and
+recall compare k-nearest-neighbour manifolds (k = 3) of generated and real features. The
+formulas are torch-fidelity's (``fid_statistics_to_metric``, ``isc_features_to_metric``,
+``prc_features_to_metric``), so the numbers match the usual ImageNet tables; this module only
+fixes dtypes, shapes and edge cases.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds, as in the ADM suite and torch-fidelity
 
 
 @dataclass(frozen=True)
@@ -106,3 +113,125 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> Tuple[float, floa
     splits = max(1, min(int(splits), int(logits.shape[0])))
     out = isc_features_to_metric(logits.detach().to("cpu", torch.float64), splits=splits)
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
+
+
+def precision_recall(
+    generated: torch.Tensor,
+    real: torch.Tensor,
+    *,
+    neighborhood: int = PRC_NEIGHBORHOOD,
+    batch_size: int = 10000,
+    device: torch.device | str | None = None,
+) -> Tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) from k-NN manifolds.
+
+    Each set's manifold is the union of balls around its points, the radius of a ball being the
+    distance to the point's k-th nearest neighbour in its own set. Precision is the fraction of
+    generated points inside the real manifold (fidelity), recall the fraction of real points
+    inside the generated manifold (coverage); a point on a ball's boundary counts as inside.
+    Computed by torch-fidelity's ``prc_features_to_metric`` in its memory-saving mode (at most
+    ``batch_size`` rows of a distance matrix at a time).
+
+    Args:
+        generated: ``(N, D)`` features of generated samples, ``N > neighborhood``.
+        real: ``(M, D)`` features of real samples, ``M > neighborhood``.
+        neighborhood: k.
+        batch_size: rows per block of pairwise distances.
+        device: where the distances are computed (default: where ``generated`` is).
+
+    Returns:
+        ``(precision, recall)``: exact fractions ``count / N`` and ``count / M``.
+    """
+    for name, f in (("generated", generated), ("real", real)):
+        if f.dim() != 2:
+            raise ValueError(f"{name} features must be (N, D), got shape {tuple(f.shape)}.")
+        if f.shape[0] <= neighborhood:
+            raise ValueError(f"precision/recall with k = {neighborhood} need more than {neighborhood} "
+                             f"{name} feature vectors, got {f.shape[0]}.")
+    if generated.shape[1] != real.shape[1]:
+        raise ValueError(f"generated and real features have different dimensions ({generated.shape[1]} vs "
+                         f"{real.shape[1]}): were they computed with the same feature extractor?")
+    device = torch.device(device) if device is not None else generated.device
+    dtype = torch.promote_types(torch.promote_types(generated.dtype, real.dtype), torch.float32)
+    out = prc_features_to_metric(
+        generated.detach().to(device, dtype), real.detach().to(device, dtype),
+        prc_neighborhood=int(neighborhood), prc_batch_size=int(batch_size), save_cpu_ram=True, verbose=False,
+    )
+    # torch-fidelity averages in float32; the exact fractions are counts over N and M.
+    n, m = int(generated.shape[0]), int(real.shape[0])
+    return round(out[KEY_METRIC_PRECISION] * n) / n, round(out[KEY_METRIC_RECALL] * m) / m
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """What generated samples are compared with.
+
+    Attributes:
+        pool: statistics of the extractor's main features (FID).
+        spatial: statistics of its spatial features (sFID; Inception only), or None.
+        features: ``(M, D)`` real feature vectors for precision/recall (a fixed subset of the
+            reference set), or None when not available.
+    """
+
+    pool: FeatureStats
+    spatial: Optional[FeatureStats] = None
+    features: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.features is not None and (self.features.dim() != 2 or self.features.shape[1] != self.pool.dim):
+            raise ValueError(f"reference features must be (M, {self.pool.dim}) like the statistics, "
+                             f"got shape {tuple(self.features.shape)}.")
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``D`` of ``pool``."""
+        return self.pool.dim
+
+
+def as_reference(reference: FeatureStats | ReferenceStats | None) -> Optional[ReferenceStats]:
+    """Plain ``FeatureStats`` (FID only) as a ``ReferenceStats``; None stays None."""
+    if reference is None or isinstance(reference, ReferenceStats):
+        return reference
+    return ReferenceStats(pool=reference)
+
+
+def reference_metrics(
+    features: torch.Tensor,
+    reference: FeatureStats | ReferenceStats | None,
+    *,
+    spatial: Optional[torch.Tensor] = None,
+    neighborhood: int = PRC_NEIGHBORHOOD,
+    device: torch.device | str | None = None,
+) -> Dict[str, Optional[float]]:
+    """``fid``, ``sfid``, ``precision`` and ``recall`` of generated features against a reference.
+
+    A metric whose inputs this extractor or reference does not provide (``sfid`` without
+    spatial features on both sides, precision/recall without real feature vectors) is None;
+    one that has its inputs but too few samples is NaN; so is ``fid`` without a reference.
+
+    Args:
+        features: ``(N, D)`` generated features.
+        reference: the real data's statistics (and features).
+        spatial: ``(N, S)`` generated spatial features, or None.
+        neighborhood: k of precision/recall.
+        device: where the pairwise distances of precision/recall are computed.
+
+    Returns:
+        ``{"fid", "sfid", "precision", "recall"}`` -> float, NaN or None.
+    """
+    ref = as_reference(reference)
+    out: Dict[str, Optional[float]] = {"fid": math.nan, "sfid": None, "precision": None, "recall": None}
+    if ref is None:
+        return out
+    n = int(features.shape[0])
+    if n >= 2:
+        out["fid"] = frechet_distance(feature_statistics(features), ref.pool)
+    if spatial is not None and ref.spatial is not None:
+        out["sfid"] = frechet_distance(feature_statistics(spatial), ref.spatial) if n >= 2 else math.nan
+    if ref.features is not None:
+        if n > neighborhood and ref.features.shape[0] > neighborhood:
+            out["precision"], out["recall"] = precision_recall(features, ref.features, neighborhood=neighborhood,
+                                                               device=device)
+        else:
+            out["precision"] = out["recall"] = math.nan
+    return out
