@@ -23,7 +23,8 @@ import torch
 
 from bafm.config import DataConfig
 from bafm.data.datamodule import LatentDataModule
-from bafm.data.shards import ShardWriter, update_manifest
+from bafm.data.manifest import update_manifest
+from bafm.data.shard_writer import ShardWriter
 from bafm.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader_cpu.json"

@@ -7,7 +7,8 @@ from typing import Dict
 import numpy as np
 import torch
 
-from bafm.data.shards import ShardWriter, update_manifest
+from bafm.data.manifest import update_manifest
+from bafm.data.shard_writer import ShardWriter
 from bafm.models.classifier import DigitsClassifier, save_classifier
 from bafm.models.loading import save_backbone, save_sidenet
 from bafm.models.sidenet import SideNet

@@ -16,7 +16,9 @@ import webdataset as wds
 
 from bafm.config import DataConfig
 from bafm.data.datamodule import LatentDataModule
-from bafm.data.shards import ShardError, ShardWriter, encode_npy, update_manifest
+from bafm.data.manifest import ShardError, update_manifest
+from bafm.data.npy_codec import encode_npy
+from bafm.data.shard_writer import ShardWriter
 
 C, H = 2, 4
 NUM_CLASSES = 5

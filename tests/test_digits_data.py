@@ -14,7 +14,9 @@ from bafm.cli import main
 from bafm.config import load_config
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.digits import digits_pixels, digits_split_indices, ensure_digits_shards, load_digits_images
-from bafm.data.shards import decode_npy, iter_samples, open_shard, read_manifest
+from bafm.data.manifest import read_manifest
+from bafm.data.npy_codec import decode_npy
+from bafm.data.shard_reader import iter_samples, open_shard
 from bafm.data.vae import build_decoder
 
 

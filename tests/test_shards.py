@@ -12,22 +12,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from bafm.data.prepare import SplitJob, write_split
-from bafm.data.shards import (
-    MANIFEST,
-    ShardError,
-    ShardWriter,
-    check_sample,
-    decode_npy,
-    encode_npy,
-    iter_samples,
-    iter_tar_members,
-    open_shard,
-    parse_npy_header,
-    read_manifest,
-    sha256_file,
-    update_manifest,
-)
+from bafm.data.manifest import MANIFEST, ShardError, read_manifest, update_manifest
+from bafm.data.npy_codec import decode_npy, encode_npy, parse_npy_header
+from bafm.data.shard_job import SplitJob, write_split
+from bafm.data.shard_reader import check_sample, iter_samples, iter_tar_members, open_shard
+from bafm.data.shard_writer import ShardWriter, sha256_file
 
 SHAPE = (2, 4, 4)
 

@@ -15,7 +15,9 @@ from bafm.cli import main
 from bafm.config import load_config
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.images import center_crop_arr, list_images, load_image
-from bafm.data.shards import decode_npy, iter_samples, open_shard, read_manifest
+from bafm.data.manifest import read_manifest
+from bafm.data.npy_codec import decode_npy
+from bafm.data.shard_reader import iter_samples, open_shard
 from bafm.data.vae import build_decoder, load_autoencoder
 
 RES = 32

@@ -10,9 +10,9 @@ from typing import Any
 
 _EXPORTS = {
     "LatentDataModule": "bafm.data.datamodule",
-    "ShardError": "bafm.data.shards",
-    "ShardWriter": "bafm.data.shards",
-    "read_manifest": "bafm.data.shards",
+    "ShardError": "bafm.data.manifest",
+    "ShardWriter": "bafm.data.shard_writer",
+    "read_manifest": "bafm.data.manifest",
     "ensure_digits_shards": "bafm.data.digits",
     "load_digits_images": "bafm.data.digits",
     "build_decoder": "bafm.data.vae",

@@ -8,7 +8,7 @@ one exact pass: shards split over ranks, then over workers. Samples are posterio
 probability 1/2 in training when present and ``data.use_flip``.
 
 Shard lists, node/worker splitting, resampling and the loader are WebDataset's; tar parsing
-and ``.npy`` decoding are bafm's own (``bafm.data.shards``): a shard is memory-mapped, arrays
+and ``.npy`` decoding are bafm's own (``bafm.data.shard_reader``): a shard is memory-mapped, arrays
 are checked against a cached header instead of ``np.load`` (25 us each), and a batch is
 collated with one numpy copy, one float conversion and one normal draw.
 """
@@ -30,15 +30,8 @@ import torch
 import webdataset as wds
 
 from bafm.data.resumable import ResumableLoader
-from bafm.data.shards import (
-    LatentSample,
-    ShardError,
-    check_sample,
-    iter_samples,
-    open_shard,
-    read_manifest,
-    shard_paths,
-)
+from bafm.data.manifest import ShardError, read_manifest, shard_paths
+from bafm.data.shard_reader import LatentSample, check_sample, iter_samples, open_shard
 
 log = logging.getLogger(__name__)
 

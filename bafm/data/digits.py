@@ -10,11 +10,14 @@ a mirrored digit is not a digit of the same class (2, 3, 4, 5, 7 and 9 change sh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bafm.data.manifest import read_manifest
+from bafm.data.shard_job import MomentBatch, SplitJob, write_split
 
 NUM_DIGITS = 1797
 NUM_CLASSES = 10
@@ -83,6 +86,36 @@ def digits_settings(cfg: Any) -> Dict[str, Any]:
     }
 
 
+def prepare_digits(cfg: Any, folder: Path, rank: int = 0, world_size: int = 1,
+                   barrier: bool = False, progress: bool = True) -> Optional[Dict[str, Any]]:
+    """Write the embedded default's ``train`` and ``val`` shards (identity codec, no flips).
+
+    Returns:
+        The manifest if this process wrote it last, else None.
+    """
+    images, labels = digits_pixels(int(cfg.data.digits_size))
+    moments = torch.cat([images, torch.zeros_like(images)], dim=1).numpy().astype(np.float16)  # (N, 2, S, S)
+    common = {
+        "dataset": str(cfg.data.dataset), "source": "digits", "encoder": {"kind": "identity"},
+        "scaling_factor": 1.0, "dtype": "float16", "moments_shape": list(moments.shape[1:]),
+        "latent_shape": [moments.shape[1] // 2, *moments.shape[2:]], "has_flip": False,
+        "num_classes": NUM_CLASSES, "class_names": [str(c) for c in range(NUM_CLASSES)],
+        "preprocessing": digits_settings(cfg),
+    }
+    manifest = None
+    for split, idx in digits_split_indices(int(cfg.seed), float(cfg.data.val_fraction)).items():
+        job = SplitJob(Path(folder), split, [f"{i:04d}" for i in idx], labels[idx].tolist(),
+                       int(cfg.data.samples_per_shard), common)
+
+        def encode(indices: Sequence[int], idx: np.ndarray = idx) -> Iterator[MomentBatch]:
+            for start in range(0, len(indices), 256):
+                chunk = np.asarray(indices[start : start + 256], dtype=np.int64)
+                yield chunk, moments[idx[chunk]], None
+
+        manifest = write_split(job, encode, rank, world_size, barrier, progress) or manifest
+    return manifest
+
+
 def ensure_digits_shards(cfg: Any) -> Path:
     """Write the digits shards to ``<data.root>/<data.dataset>`` unless they are already there.
 
@@ -100,9 +133,6 @@ def ensure_digits_shards(cfg: Any) -> Path:
         ValueError: shards already in the folder were written with other settings (seed,
             ``data.val_fraction``, ``data.digits_size``).
     """
-    from bafm.data.prepare import prepare_digits
-    from bafm.data.shards import read_manifest
-
     folder = Path(cfg.data.root) / cfg.data.dataset
     if cfg.data.source != "digits":
         return folder

@@ -1,0 +1,142 @@
+"""The latent dataset folder's format: names, errors and ``manifest.json``.
+
+A shard ``<split>-%06d.tar`` holds one sample per image: ``<key>.moments.npy`` (float16
+``(2C, H, W)``: posterior mean then std), optionally ``<key>.moments_flip.npy`` (the same for
+the horizontally flipped image) and ``<key>.cls`` (the class id as decimal text). Shards are
+written under a temporary name and renamed only once complete, so a reader never sees half a
+shard (``bafm.data.shard_writer``); a small JSON record per finished shard (in ``.records/``)
+keeps its sample count and sha256. ``manifest.json`` describes the whole dataset folder and is
+replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from bafm.io import atomic_write_json
+
+MANIFEST = "manifest.json"
+RECORDS_DIR = ".records"
+FORMAT = "bafm-latents-1"
+MOMENTS = "moments.npy"
+MOMENTS_FLIP = "moments_flip.npy"
+CLS = "cls"
+
+
+class ShardError(ValueError):
+    """A shard or a sample in it that cannot be used: names the shard and, if known, the sample."""
+
+    def __init__(self, shard: str, reason: Optional[str] = None, key: Optional[str] = None) -> None:
+        self.shard, self.reason, self.key = shard, reason, key
+        if reason is None:  # rebuilt from its message (e.g. re-raised from a DataLoader worker)
+            super().__init__(shard)
+            return
+        where = f"{shard}: sample '{key}'" if key is not None else shard
+        super().__init__(f"{where}: {reason}")
+
+
+def shard_name(split: str, index: int) -> str:
+    """``<split>-%06d.tar``, the file name of shard ``index`` of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@contextlib.contextmanager
+def manifest_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock for read-modify-write of ``manifest.json`` across processes."""
+    lock = Path(folder) / RECORDS_DIR / "manifest.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_manifest(folder: Path) -> Dict[str, Any]:
+    """Load ``<folder>/manifest.json``.
+
+    Raises:
+        FileNotFoundError: no manifest, with the command that writes one.
+        ValueError: unreadable or of another format.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no latent shards at '{folder}' ({MANIFEST} missing). Create them with "
+            f"`make data EXP=experiments/<name>.yaml` (or `bafm data --config ...`)."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format '{manifest.get('format')}', expected '{FORMAT}'")
+    return manifest
+
+
+def update_manifest(folder: Path, common: Mapping[str, Any], split: str, entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """Add or replace one split's entry in ``manifest.json`` (locked, atomic).
+
+    Args:
+        folder: dataset folder.
+        common: dataset-wide fields (encoder, scaling factor, shapes, preprocessing); they must
+            agree with those already recorded for other splits.
+        split: split name.
+        entry: the split's fields (counts, shard records).
+
+    Returns:
+        The manifest as written.
+
+    Raises:
+        ValueError: ``common`` disagrees with the manifest already in ``folder``.
+    """
+    folder = Path(folder)
+    common = json.loads(json.dumps(dict(common)))  # tuples -> lists, as read back from disk
+    with manifest_lock(folder):
+        manifest: Dict[str, Any] = {"format": FORMAT, **common, "splits": {}}
+        if (folder / MANIFEST).is_file():
+            old = read_manifest(folder)
+            clash = sorted(k for k, v in common.items() if k in old and old[k] != v)
+            others = sorted(set(old.get("splits", {})) - {split})
+            if clash and others:
+                was = ", ".join(f"{k}={old[k]!r} (now {common[k]!r})" for k in clash)
+                raise ValueError(
+                    f"{folder / MANIFEST}: split(s) {others} were written with other settings: {was}. "
+                    f"Use another data.dataset or delete the folder."
+                )
+            manifest["splits"] = {k: v for k, v in old.get("splits", {}).items() if k != split}
+        manifest["splits"][split] = dict(entry)
+        atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+
+def shard_paths(folder: Path, manifest: Mapping[str, Any], split: str) -> List[Tuple[str, int]]:
+    """``(path, sample count)`` of every shard of ``split`` listed in the manifest.
+
+    Raises:
+        FileNotFoundError: the split is not in the manifest or a listed shard is missing.
+    """
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise FileNotFoundError(
+            f"{Path(folder) / MANIFEST}: no split '{split}' (has {sorted(splits)}). "
+            f"Create it with `make data EXP=...` (data.split={split} for image folders)."
+        )
+    out = []
+    for rec in splits[split]["shards"]:
+        path = Path(folder) / rec["name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard '{path}' listed in the manifest is missing; re-run `make data EXP=...`.")
+        out.append((str(path), int(rec["count"])))
+    if not out:
+        raise FileNotFoundError(f"{Path(folder) / MANIFEST}: split '{split}' has no shards; re-run `make data EXP=...`.")
+    return out
