@@ -138,7 +138,7 @@ class EvalConfig:
     """NFE sweep: solvers, budgets, metrics and outputs."""
 
     solvers: List[str] = field(
-        default_factory=lambda: ["ba", "euler", "heun", "midpoint", "ab2", "dpm++2m"]
+        default_factory=lambda: ["ba", "euler", "heun", "midpoint", "ab2", "dpm++2m", "unipc", "ipndm"]
     )
     budgets: Dict[str, List[int]] = field(
         default_factory=lambda: {
@@ -150,6 +150,8 @@ class EvalConfig:
             "rk4": [4, 8, 12, 16, 20],
             "ab2": [4, 5, 6, 8, 10, 12, 16, 20],
             "dpm++2m": [4, 5, 6, 8, 10, 12, 16, 20],
+            "unipc": [4, 5, 6, 8, 10, 12, 16, 20],
+            "ipndm": [4, 5, 6, 8, 10, 12, 16, 20],
         }
     )
     num_samples: int = 1000

@@ -17,11 +17,12 @@ def options_for(name):
 
 
 def test_registry_holds_the_required_solvers_with_their_properties():
-    assert ALL == ["euler", "heun", "midpoint", "rk4", "ab2", "dpm++2m", "ba", "ba-single", "reference"]
+    assert ALL == ["euler", "heun", "midpoint", "rk4", "ab2", "dpm++2m", "ipndm", "unipc", "ba", "ba-single",
+                   "reference"]
     for name, fn in SOLVERS.items():
         assert get_solver(name) is fn and fn.solver_name == name
     assert {n: SOLVERS[n].nfe_per_step for n in ALL} == {
-        "euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ab2": 1, "dpm++2m": 1,
+        "euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ab2": 1, "dpm++2m": 1, "ipndm": 1, "unipc": 1,
         "ba": 1, "ba-single": 1, "reference": None,
     }  # fmt: skip
     assert [n for n in ALL if SOLVERS[n].uses_side_fn] == ["ba", "ba-single"]

@@ -58,7 +58,7 @@ def test_ba_inversion_with_oracle_sidenet():
     torch.testing.assert_close(back, x0, rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm++2m", "ba", "ba-single"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm++2m", "unipc", "ipndm", "ba", "ba-single"])
 def test_samples_do_not_depend_on_batch_size(name):
     gen = torch.Generator().manual_seed(3)
     mix = GaussianMixtureFlow.random((2, 2, 2), num_classes=3, components_per_class=2, std=0.4, generator=gen)
