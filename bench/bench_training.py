@@ -33,7 +33,8 @@ from bench_sampling import PRESETS, AutocastVelocity, build_models  # noqa: E402
 from common import (RESULTS_DIR, Deadline, ResultFile, free_memory, peak_memory_gib, prepare_device,  # noqa: E402
                     reset_peak_memory, synchronize)  # fmt: skip
 
-from bafm.models.fast import FallbackChain, FastVelocity, optimize_for_inference  # noqa: E402
+from bafm.models.fallback import FallbackChain  # noqa: E402
+from bafm.models.fast import FastVelocity, optimize_for_inference  # noqa: E402
 from bafm.models.fast import training_velocity  # noqa: E402
 from bafm.training.ba_loss import ChainLossConfig, chain_loss  # noqa: E402
 

@@ -36,7 +36,7 @@ def prepare_device(name: str = "auto") -> torch.device:
     """``pick_device``, and on CUDA the fast-math settings every benchmark uses."""
     device = pick_device(name)
     if device.type == "cuda":
-        from bafm.models.fast import enable_tf32
+        from bafm.models.compiling import enable_tf32
 
         enable_tf32()
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions

@@ -15,8 +15,10 @@ import torch
 
 from bafm.config import load_config
 from bafm.models import SideNet, build_sit
-from bafm.models.fast import (FallbackChain, FastVelocity, GraphedFunction, optimize_for_inference,
-                              optimize_from_config, parse_precision, training_velocity)  # fmt: skip
+from bafm.models.compiling import parse_precision
+from bafm.models.cuda_graphs import GraphedFunction
+from bafm.models.fallback import FallbackChain
+from bafm.models.fast import FastVelocity, optimize_for_inference, optimize_from_config, training_velocity
 from bafm.models.guidance import build_sampling_fns
 from bafm.models.sidenet import SideAttentionBlock, channel_rms_norm, is_channels_last
 from bafm.solvers import get_solver
@@ -216,6 +218,62 @@ def test_fallback_chain_propagates_errors_of_the_last_implementation():
     chain = FallbackChain([("eager", lambda: 1 / 0)], "test")
     with pytest.raises(ZeroDivisionError):
         chain()
+
+
+def test_fallback_chain_degrades_only_on_a_first_call():
+    calls = {"fast": 0}
+
+    def fast(x):  # builds on the first call of a shape, then fails at run time on the third call
+        calls["fast"] += 1
+        if x.shape[0] == 3:
+            raise RuntimeError("capture failed")
+        if calls["fast"] == 3:
+            raise RuntimeError("CUDA out of memory")
+        return x + 1
+
+    chain = FallbackChain([("fast", fast), ("eager", lambda x: x + 2)], "test")
+    assert chain(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert chain(torch.zeros(2)).tolist() == [1.0, 1.0]
+    with pytest.raises(RuntimeError, match="out of memory"):  # a later runtime error propagates ...
+        chain(torch.zeros(2))
+    assert chain.active == "fast" and chain.fallbacks == []  # ... and does not demote the run
+    with pytest.warns(RuntimeWarning, match="'fast' failed .*capture failed.*falling back to 'eager'"):
+        out = chain(torch.zeros(3))  # a first call with a new shape builds anew: a failure degrades
+    assert out.tolist() == [2.0, 2.0, 2.0] and chain.active == "eager" and len(chain.fallbacks) == 1
+
+
+def test_runtime_error_after_compiling_does_not_fall_back_to_eager():
+    class Flaky(torch.nn.Module):
+        velocity_kind = "backbone"
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.fail = False
+
+        def velocity(self, x, t, y):
+            if self.fail:
+                raise RuntimeError("device lost")
+            return x * self.scale
+
+    model = Flaky()
+    fast = optimize_for_inference(model, compile=True, backend="eager", channels_last=False)
+    x, _, t, _, y = _side_inputs()
+    torch.testing.assert_close(fast.velocity(x, t, y), x)
+    model.fail = True  # a Python-level flag: the traced graph guards on it and retraces on the next call
+    with pytest.raises(RuntimeError, match="device lost"):
+        fast.velocity(x, t, y)
+    assert fast.active_path.startswith("compiled[") and fast.fallbacks == []
+
+
+def test_models_declare_their_velocity_kind():
+    class Undeclared(torch.nn.Module):
+        def velocity(self, x, t, y):
+            return x
+
+    with pytest.raises(TypeError, match="velocity_kind is None, expected one of"):
+        optimize_for_inference(Undeclared(), compile=False)
+    assert (SideNet.velocity_kind, type(_sit()).velocity_kind) == ("side_offset", "backbone")
 
 
 def test_bad_switches_raise():

@@ -191,6 +191,8 @@ def test_side_fn_rejects_a_velocity_not_from_its_velocity_fn():
     sf(X, v, full(0.5), full(0.1))  # fine
     with pytest.raises(ValueError, match="paired velocity_fn"):
         sf(X, v.clone(), full(0.5), full(0.1))
+    with pytest.raises(ValueError, match="paired velocity_fn"):
+        sf(X, v * 1.0, full(0.5), full(0.1))  # arithmetic gives a plain tensor, without the raw pair
 
 
 def test_bad_inputs_are_rejected():

@@ -37,6 +37,8 @@ class GaussianMixtureFlow(nn.Module):
         oracle_substeps: RK4 substeps per unit time of ``transport`` for multi-component classes.
     """
 
+    velocity_kind = "backbone"  # velocity(x, t, y), see bafm.models.fast
+
     def __init__(
         self,
         means: Tensor,

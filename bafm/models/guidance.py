@@ -7,13 +7,13 @@ Guidance is ``v = v_u + s (v_c - v_u)`` for times ``t`` in ``(lo, hi]`` and ``v 
 The backbone runs once on the doubled batch ``(x, x)`` with labels ``(y, null)`` (one NFE). The
 SideNet is applied to the raw conditional and unconditional velocities (doubled batch) and the
 two estimates are combined afterwards at each node's own time ``t - h``. Solvers only pass the
-guided ``v`` to ``side_fn``, so the velocity closure remembers the raw pair behind each tensor
-it returned (keyed by identity, a few recent ones held) and the side closure looks it up.
+guided ``v`` to ``side_fn``, so with a SideNet the velocity closure returns a ``GuidedVelocity``
+tensor: the guided velocity that carries the raw pair it was combined from, which the side
+closure reads. Any arithmetic on it gives a plain tensor.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,10 +22,6 @@ from torch import Tensor
 # backbone.velocity(x, t, y) -> v; sidenet.velocity(x, v, t, h, y) -> v_hat at t - h.
 BackboneVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]
 SideVelocity = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-
-# Raw pairs remembered; a BA step needs the last two (its start and its anchor).
-_RAW_PAIRS_KEPT = 4
-
 
 def guidance_active(t: Tensor, interval: Optional[Tuple[float, float]]) -> Tensor:
     """Boolean mask of the times at which guidance applies: ``lo < t <= hi``.
@@ -62,6 +58,26 @@ def combine_guidance(
     return torch.where(mask, torch.lerp(v_uncond, v_cond, scale), v_cond)
 
 
+class RawPairVelocity(Tensor):
+    """A guided velocity ``(B, ...)`` with the raw ``v_cond`` and ``v_uncond`` it was combined from.
+
+    What a guided ``velocity_fn`` paired with a SideNet returns: the solver uses it as the
+    velocity, the side closure reads ``v_cond`` / ``v_uncond``. Operations on it return plain
+    tensors (no ``__torch_function__`` override), so the solver's arithmetic costs the same.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    v_cond: Tensor
+    v_uncond: Tensor
+
+    @classmethod
+    def attach(cls, v: Tensor, v_cond: Tensor, v_uncond: Tensor) -> "RawPairVelocity":
+        """``v`` (no copy) with its raw pair attached."""
+        out = v.as_subclass(cls)
+        out.v_cond, out.v_uncond = v_cond, v_uncond
+        return out
+
+
 class GuidedVelocity:
     """``velocity_fn(x, t)`` for a fixed label batch, with optional CFG.
 
@@ -86,7 +102,6 @@ class GuidedVelocity:
         self.interval = interval
         self.guided = self.cfg_scale != 1.0 and (interval is None or interval[0] < interval[1])
         self.keep_raw = keep_raw and self.guided
-        self._raw: "OrderedDict[int, Tuple[Tensor, Tensor, Tensor]]" = OrderedDict()
 
     def _labels(self, x: Tensor, doubled: bool) -> Tensor:
         batch = self.y.shape[0]
@@ -98,7 +113,10 @@ class GuidedVelocity:
         return labels if labels.device == x.device else labels.to(x.device)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        """Velocity at ``(x, t)``: ``x`` ``(B, ...)``, ``t`` ``(B,)``; returns ``(B, ...)``."""
+        """Velocity at ``(x, t)``: ``x`` ``(B, ...)``, ``t`` ``(B,)``; returns ``(B, ...)``.
+
+        With ``keep_raw`` the result is a ``RawPairVelocity`` carrying ``(v_cond, v_uncond)``.
+        """
         if not self.guided:
             return self.backbone_velocity(x, t, self._labels(x, doubled=False))
         if not self.keep_raw and not bool(guidance_active(t, self.interval).any()):
@@ -106,27 +124,23 @@ class GuidedVelocity:
         out = self.backbone_velocity(torch.cat([x, x]), torch.cat([t, t]), self._labels(x, doubled=True))
         v_cond, v_uncond = out.chunk(2)
         v = combine_guidance(v_cond, v_uncond, t, self.cfg_scale, self.interval)
-        if self.keep_raw:
-            self._raw[id(v)] = (v, v_cond, v_uncond)  # the strong reference keeps id(v) unique
-            while len(self._raw) > _RAW_PAIRS_KEPT:
-                self._raw.popitem(last=False)
-        return v
+        return RawPairVelocity.attach(v, v_cond, v_uncond) if self.keep_raw else v
 
-    def raw_pair(self, v: Tensor) -> Tuple[Tensor, Tensor]:
-        """The raw ``(v_cond, v_uncond)`` behind a velocity this closure returned recently.
+    @staticmethod
+    def raw_pair(v: Tensor) -> Tuple[Tensor, Tensor]:
+        """The raw ``(v_cond, v_uncond)`` a guided velocity was combined from.
 
         Raises:
-            ValueError: ``v`` was not returned by this closure (or is too old, or was modified
-                out of place, e.g. cast or cloned).
+            ValueError: ``v`` is not a ``RawPairVelocity`` as this closure returns (e.g. it was
+                cast, cloned or computed from one).
         """
-        entry = self._raw.get(id(v))
-        if entry is None or entry[0] is not v:
+        if not isinstance(v, RawPairVelocity):
             raise ValueError(
-                "guided side_fn received a velocity that did not come from its paired velocity_fn "
-                f"(one of the last {_RAW_PAIRS_KEPT} it returned): with guidance on, the SideNet needs "
-                "the raw conditional/unconditional pair, so pass the velocity_fn's output unchanged"
+                "guided side_fn received a velocity that did not come from its paired velocity_fn: "
+                "with guidance on, the SideNet needs the raw conditional/unconditional pair the "
+                "velocity_fn returns with its output, so pass that output unchanged"
             )
-        return entry[1], entry[2]
+        return v.v_cond, v.v_uncond
 
 
 class GuidedSide:

@@ -119,6 +119,8 @@ class SideNet(nn.Module):
     ``v + offset``. ``h > 0`` looks toward data, ``h < 0`` toward noise.
     """
 
+    velocity_kind = "side_offset"  # velocity = v + forward(x, v, t, h, y), see bafm.models.fast
+
     def __init__(
         self,
         in_channels: int = 4,

@@ -159,6 +159,8 @@ class SiT(nn.Module):
     (``t = 1`` noise, ``v = noise - x_data``).
     """
 
+    velocity_kind = "backbone"  # velocity(x, t, y), see bafm.models.fast
+
     def __init__(
         self,
         input_size: int = 32,
