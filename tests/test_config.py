@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from bafm.config import ConfigError, ExperimentConfig, load_config
 
@@ -74,5 +75,5 @@ def test_missing_experiment_file_lists_available():
 
 def test_config_is_read_only():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError, match=r"read-only config(.|\n)*full_key: trainer\.max_steps"):
         cfg.trainer.max_steps = 3

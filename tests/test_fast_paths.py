@@ -6,7 +6,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -362,11 +361,9 @@ def _load_bench(name: str):
 def test_sampling_bench_end_to_end_tiny(tmp_path):
     bench = _load_bench("bench_sampling")
     out = tmp_path / "sampling.json"
-    start = time.perf_counter()
     assert bench.main(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--variants", "naive",
                        "compiled", "--backend", "aot_eager", "--repeats", "2", "--warmup", "1", "--solvers", "ba:2",
                        "euler:4", "ba:10", "euler:100", "--out", str(out)]) == 0  # fmt: skip
-    assert time.perf_counter() - start < 120
     data = json.loads(out.read_text())
     assert data["status"] == "complete" and data["errors"] == []
     assert data["meta"]["device"] == "cpu" and data["meta"]["torch"] == torch.__version__

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -95,14 +97,19 @@ def test_unknown_solver_lists_valid_names():
         steps_for_nfe("eulr", 4)
 
 
-@pytest.mark.parametrize("solver", [name for name in SOLVERS if name != "reference"])
+@pytest.mark.parametrize("solver", [name for name in SOLVERS if SOLVERS[name].nfe_per_step is not None])
 def test_budget_arithmetic_matches_counted_nfe(solver):
     x = torch.randn(2, 3, dtype=torch.float64)
     options = {"side_fn": lambda x, v, t, h: v} if SOLVERS[solver].uses_side_fn else {}
-    for nfe in range(1, 13):
-        try:
-            steps = steps_for_nfe(solver, nfe)
-        except ValueError:
-            continue
+    steps_of = {}  # counted NFE -> steps
+    for steps in range(1, 13):
         res = get_solver(solver)(lambda x, t: -x, x, uniform_grid(steps, dtype=torch.float64), **options)
-        assert res.nfe == nfe
+        assert nfe_for_steps(solver, steps) == res.nfe
+        steps_of[res.nfe] = steps
+    # Every budget a run spends maps back to its steps; every other budget is refused by name.
+    for nfe in range(1, 13):
+        if nfe in steps_of:
+            assert steps_for_nfe(solver, nfe) == steps_of[nfe]
+        else:
+            with pytest.raises(ValueError, match=f"'{re.escape(solver)}' cannot spend exactly {nfe} NFE"):
+                steps_for_nfe(solver, nfe)

@@ -71,8 +71,12 @@ def test_inception_score_two_class_closed_form_and_trivial_case():
     same = torch.randn(1, 5).expand(64, 5)
     mean, std = inception_score(same, splits=10)
     assert mean == pytest.approx(1.0, abs=1e-6) and std == pytest.approx(0.0, abs=1e-6)
-    # More splits than samples is capped instead of failing.
-    assert inception_score(torch.randn(3, 4), splits=10)[0] >= 1.0
+    # More splits than samples is capped at one sample per split instead of failing: each split's
+    # marginal is its only prediction, KL = 0 and IS = 1; the same two confident, distinct
+    # predictions in one split score 2.
+    two = 60.0 * torch.eye(2, dtype=torch.float64)
+    assert inception_score(two, splits=10) == pytest.approx((1.0, 0.0), abs=1e-12)
+    assert inception_score(two, splits=1)[0] == pytest.approx(2.0, rel=1e-12)
 
 
 def test_stats_round_trip_and_adm_layout(tmp_path):

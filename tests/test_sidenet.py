@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -155,12 +154,10 @@ def test_torch_compile_fullgraph(backend):
     _randomize(model)
     x, v, t, h = _inputs(channels=2, dtype=torch.float32)
     y = torch.tensor([0, 1, 2])
-    start = time.perf_counter()
     try:
         out = torch.compile(model.velocity, fullgraph=True, backend=backend)(x, v, t, h, y)
     except Exception as err:
         if backend == "inductor":  # no C++ toolchain on this machine
             pytest.skip(f"inductor unavailable: {type(err).__name__}")
         raise
-    assert time.perf_counter() - start < 120
     torch.testing.assert_close(out, model.velocity(x, v, t, h, y), rtol=1e-4, atol=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -244,12 +243,10 @@ def test_torch_compile_fullgraph(backend):
     _randomize(model)
     model.eval()
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([0.2, 0.8]), torch.tensor([0, 1])
-    start = time.perf_counter()
     try:
         out = torch.compile(model.velocity, fullgraph=True, backend=backend)(x, t, y)
     except Exception as err:
         if backend == "inductor":  # no C++ toolchain on this machine
             pytest.skip(f"inductor unavailable: {type(err).__name__}")
         raise
-    assert time.perf_counter() - start < 120
     torch.testing.assert_close(out, model.velocity(x, t, y), rtol=1e-4, atol=1e-5)

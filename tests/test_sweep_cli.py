@@ -1,6 +1,8 @@
 """``bafm eval-nfe-sweep`` end to end on tiny models, and its input checks."""
 
 import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bafm.cli import main
 from bafm.eval.report import read_csv
@@ -37,7 +39,12 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert (out / "results.md").read_text() in printed
     assert (out / "fid_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "grids").glob("*.png"))) == 4
-    assert any((out / "tensorboard").iterdir())
+    # TensorBoard holds the CSV's numbers: one curve per solver and metric, step = NFE.
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    fid_euler = events.Scalars("nfe_sweep/fid/euler")
+    assert [e.step for e in fid_euler] == [2, 4]
+    assert [e.value for e in fid_euler] == pytest.approx([rows[2]["fid"], rows[3]["fid"]], rel=1e-6)
+    assert [e.value for e in events.Scalars("nfe_sweep/traj_rmse/ba")] == pytest.approx([rows[1]["traj_rmse"]], rel=1e-6)
     arr = np.load(out / "samples" / "euler_nfe004.npz")["arr_0"]
     assert arr.shape == (20, 16, 16, 1) and arr.dtype == np.uint8
     assert (tmp_path / "data" / "digits" / "reference_stats.npz").is_file()  # cached for the next run
