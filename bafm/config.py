@@ -161,6 +161,7 @@ class EvalConfig:
     classifier_path: str = "checkpoints/digits/classifier.safetensors"
     inception_weights: str = ""  # local torch-fidelity inception-v3-compat weights
     reference_stats: str = ""  # .npz: ADM VIRTUAL_*.npz or bafm's own statistics
+    prc_reference_size: int = 10000  # real images precision/recall compare with (seeded subset if more); 0: off
     reference_rtol: float = 1e-5
     reference_atol: float = 1e-5
     reference_batch_size: int = 64  # the reference solves fixed groups of samples (batch-size independent)

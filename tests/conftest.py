@@ -24,3 +24,16 @@ def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     tiny_digits_models(root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_inception_download(monkeypatch):
+    """Tests never use the network: torch-fidelity's weight download fails as it would offline."""
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)

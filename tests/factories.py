@@ -68,3 +68,28 @@ def synthetic_shards(folder: Path, shape=(4, 8, 8), n: int = 64, num_classes: in
               "class_names": [str(k) for k in range(num_classes)], "preprocessing": {}}
     update_manifest(folder, common, "train", {"count": n, "num_shards": len(records), "shards": records})
     return folder
+
+
+def random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised torch-fidelity ``inception-v3-compat`` state dict saved at ``path``.
+
+    Stands in for the real weights file (same layout, no download); convolutions use He
+    initialisation so that every layer's output still varies with the input.
+    """
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    torch.manual_seed(seed)
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    with torch.no_grad():
+        for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # keeps activations alive with depth
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

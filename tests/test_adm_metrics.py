@@ -97,3 +97,172 @@ def test_reference_metrics_row_values():
     assert math.isnan(none["fid"]) and none["sfid"] is None and none["precision"] is None
     with pytest.raises(ValueError, match=r"reference features must be \(M, 3\)"):
         ReferenceStats(pool=FeatureStats(np.zeros(3), np.eye(3)), features=torch.zeros(5, 4))
+
+
+# --- Inception: spatial features and the weights download -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    from factories import random_inception_weights
+
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+
+
+def test_inception_spatial_features_are_mixed_6d_1x1_first_7_channels(inception_weights):
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from bafm.eval.features import InceptionFeatures, to_uint8
+
+    extractor = InceptionFeatures(inception_weights)
+    images = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    batch = extractor.extract(images)
+    assert batch.spatial.shape == (3, extractor.spatial_dim) == (3, 2023)
+    feats, logits = extractor(images)
+    torch.testing.assert_close(batch.features, feats, rtol=0, atol=0)
+    torch.testing.assert_close(batch.logits, logits, rtol=0, atol=0)
+    assert not extractor.spatial_layer._forward_hooks  # the hook lives for one pass only
+
+    # Independently: torch-fidelity's network run by hand up to TF's mixed_6/conv.
+    net = extractor.net
+    with torch.no_grad():
+        x = interpolate_bilinear_2d_like_tensorflow1x(to_uint8(images).float(), size=(299, 299), align_corners=False)
+        x = (x - 128) / 128
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                     "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                     "Mixed_6c"):
+            x = getattr(net, name)(x)
+        branch = net.Mixed_6d.branch1x1(x)  # (B, 192, 17, 17)
+    assert branch.shape == (3, 192, 17, 17)
+    # TF's NHWC flattening: index (h * 17 + w) * 7 + c.
+    torch.testing.assert_close(batch.spatial.view(3, 17, 17, 7), branch[:, :7].permute(0, 2, 3, 1))
+    assert batch.spatial[1, (4 * 17 + 9) * 7 + 5] == branch[1, 5, 4, 9]
+    assert batch.spatial.std(dim=0).mean() > 1e-3  # informative: varies with the image
+
+
+def test_missing_inception_weights_are_fetched_or_fail_in_one_line(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    from bafm.eval.features import INCEPTION_WEIGHTS_FILE, resolve_inception_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    # Offline (the test suite's stand-in for torch-fidelity's download raises URLError).
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_inception_weights("")
+    message = str(err.value)
+    assert "\n" not in message and str(cached) in message and "download failed" in message
+    assert "network disabled in tests" in message and "eval.inception_weights=<path>" in message
+    with pytest.raises(FileNotFoundError, match="downloading is off"):
+        resolve_inception_weights("", download=False)
+
+    # Online: torch-fidelity's loader fetches its release file into the hub cache, with a progress bar.
+    calls = []
+
+    def fake_download(url, progress=True, **kwargs):
+        calls.append((url, progress))
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(b"weights")
+        return {}
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", fake_download)
+    assert resolve_inception_weights("") == cached
+    assert calls == [(tf_inception.URL_INCEPTION_V3, True)]
+    assert resolve_inception_weights("") == cached and len(calls) == 1  # cached now: no second download
+    # A named file is never downloaded.
+    with pytest.raises(FileNotFoundError, match="other.pth"):
+        resolve_inception_weights(tmp_path / "other.pth")
+    assert len(calls) == 1
+
+
+# --- Reference sets: statistics, spatial statistics, precision/recall features, caching ---------
+
+
+def _digits_cfg(tiny, tmp_path, *extra):
+    from bafm.config import load_config
+
+    from conftest import REPO_ROOT
+
+    return load_config(REPO_ROOT / "experiments/digits.yaml",
+                       [f"eval.classifier_path={tiny / 'classifier.safetensors'}", f"data.root={tmp_path / 'data'}",
+                        *extra])
+
+
+def test_digits_reference_keeps_all_real_features_and_caches_them(tiny, tmp_path, monkeypatch):
+    import bafm.eval.reference_stats as rs
+    from bafm.eval.features import build_feature_extractor
+
+    cfg = _digits_cfg(tiny, tmp_path)
+    extractor = build_feature_extractor("classifier", classifier_path=cfg.eval.classifier_path)
+    ref = rs.resolve_reference_stats(cfg, extractor)
+    real = extractor(rs.digits_images01(cfg))[0]
+    assert ref.features.shape == (1797, extractor.feature_dim) and ref.spatial is None  # all digits < 10000
+    torch.testing.assert_close(ref.features, real)
+    np.testing.assert_allclose(ref.pool.mu, feature_statistics(real).mu, rtol=1e-10)
+    cached, info = rs.load_reference(rs.cache_path(cfg))
+    assert info["prc_size"] == 10000 and "mu_s" not in info["keys"]
+    torch.testing.assert_close(cached.features, real)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("recomputed a valid cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(rs, "compute_reference", no_compute)
+        torch.testing.assert_close(rs.resolve_reference_stats(cfg, extractor).features, real)
+        assert rs.resolve_reference_stats(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=0"),
+                                          extractor).features is None  # off: no features, cache still valid
+
+    # A seeded subset when the reference set is larger than eval.prc_reference_size (recomputed: new size).
+    small = rs.resolve_reference_stats(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=100"), extractor)
+    idx = rs.prc_subset(1797, 100)
+    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 100 and idx.max() < 1797
+    assert torch.equal(idx, rs.prc_subset(1797, 100)) and not torch.equal(idx, torch.arange(100))
+    torch.testing.assert_close(small.features, real[idx])
+    np.testing.assert_allclose(small.pool.mu, ref.pool.mu, rtol=1e-10)  # FID still uses every image
+
+    # A cache written before precision/recall (mu/sigma only) is recomputed, not trusted.
+    rs.save_stats(rs.cache_path(cfg), ref.pool, extractor=extractor.name, source=rs._source_of(cfg))
+    assert "prc_features" not in rs.load_reference(rs.cache_path(cfg))[1]["keys"]
+    again = rs.resolve_reference_stats(cfg, extractor)
+    torch.testing.assert_close(again.features, real)
+    assert "prc_features" in rs.load_reference(rs.cache_path(cfg))[1]["keys"]
+    with pytest.raises(ValueError, match="eval.prc_reference_size is -1"):
+        rs.resolve_reference_stats(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=-1"), extractor)
+
+
+def test_adm_reference_batch_with_inception(tiny, tmp_path, inception_weights):
+    import bafm.eval.reference_stats as rs
+    from bafm.eval.features import InceptionFeatures
+
+    extractor = InceptionFeatures(inception_weights)
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    pool = FeatureStats(np.arange(2048.0), np.eye(2048))
+    spatial = FeatureStats(np.ones(2023), 2.0 * np.eye(2023))
+    adm = tmp_path / "VIRTUAL_tiny.npz"
+    np.savez(adm, arr_0=images, mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
+    cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",
+                      f"eval.inception_weights={inception_weights}", "eval.prc_reference_size=4")
+    ref = rs.resolve_reference_stats(cfg, extractor, batch_size=4)
+    # FID and sFID statistics are ADM's, as given; precision/recall features come from its images.
+    np.testing.assert_array_equal(ref.pool.mu, pool.mu)
+    np.testing.assert_array_equal(ref.spatial.sigma, spatial.sigma)
+    real = extractor(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0]
+    torch.testing.assert_close(ref.features, real[rs.prc_subset(6, 4)], rtol=1e-5, atol=1e-5)
+    assert rs.load_reference(rs.cache_path(cfg))[1]["source"] == str(adm)
+
+    # Images only (no statistics): everything from the images, spatial statistics included.
+    only = tmp_path / "images.npz"
+    np.savez(only, arr_0=images)
+    cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={only}",
+                      f"eval.inception_weights={inception_weights}")
+    ref = rs.resolve_reference_stats(cfg, extractor, batch_size=4)
+    batch = extractor.extract(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+    assert ref.features.shape == (6, 2048) and ref.spatial.dim == 2023
+    np.testing.assert_allclose(ref.spatial.mu, feature_statistics(batch.spatial).mu, rtol=1e-5, atol=1e-6)
+
+    # Spatial statistics of the wrong size do not pass silently.
+    np.savez(adm, arr_0=images, mu=pool.mu, sigma=pool.sigma, mu_s=np.zeros(5), sigma_s=np.eye(5))
+    cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",
+                      f"eval.inception_weights={inception_weights}", "eval.prc_reference_size=0")
+    with pytest.raises(ValueError, match=r"spatial statistics \(mu_s, sigma_s\) have dimension 5.*2023"):
+        rs.resolve_reference_stats(cfg, extractor)

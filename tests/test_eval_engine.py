@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from bafm.eval.engine import COLUMNS, ReferenceCache, SweepInputError, evaluate_sweep, plan_sweep
-from bafm.eval.features import FeatureExtractor
-from bafm.eval.metrics import feature_statistics
+from bafm.eval.features import FeatureBatch, FeatureExtractor
+from bafm.eval.metrics import ReferenceStats, feature_statistics, frechet_distance, precision_recall
 from bafm.eval.report import log_tensorboard, markdown_table, read_csv, rows_to_csv, write_reports
 from bafm.eval.sampler import generate, sample_labels, sample_noise
 from bafm.models.analytic import GaussianMixtureFlow
@@ -170,14 +170,17 @@ def test_reports(flow, ref_stats, tmp_path):
                          budgets={"euler": [2, 4], "midpoint": [4]})
     paths = write_reports(rows, grids, tmp_path, title="test")
     text = paths["csv"].read_text().splitlines()
-    assert text[0] == "solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
+    assert text[0] == "solver,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
+    # FID-only reference statistics and no spatial features: blank sfid, precision and recall.
+    assert text[1].split(",")[4] == text[1].split(",")[6] == text[1].split(",")[7] == ""
     assert len(text) == 1 + len(rows)
     back = read_csv(paths["csv"])
     assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
     for r, b in zip(rows, back):
         assert b["nfe"] == r["nfe"] and b["fid"] == pytest.approx(r["fid"], rel=1e-7)
+        assert b["sfid"] is b["precision"] is b["recall"] is None
     md = paths["md"].read_text()
-    assert md == markdown_table(rows) and md.startswith("| solver | nfe | steps | fid | is |")
+    assert md == markdown_table(rows) and md.startswith("| solver | nfe | steps | fid | sfid | is | precision |")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
         "euler_nfe002.png", "euler_nfe004.png", "midpoint_nfe004.png", f"reference_nfe{rows[0]['nfe']:03d}.png"]
@@ -195,6 +198,7 @@ def test_reports(flow, ref_stats, tmp_path):
     assert [e.step for e in fid_euler] == [2, 4]
     assert fid_euler[1].value == pytest.approx(rows[2]["fid"], rel=1e-6)
     assert "nfe_sweep/traj_rmse/midpoint" in acc.Tags()["scalars"]
+    assert not [t for t in acc.Tags()["scalars"] if "/sfid/" in t or "/precision/" in t]  # blank: not logged
     assert "nfe_sweep/samples/euler" in acc.Tags()["images"]
 
 
@@ -250,3 +254,53 @@ def test_distributed_rank_without_samples(tmp_path):
     got0, got1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert repr(got0["rows"]) == repr(got1["rows"])
     assert [r["n_samples"] for r in got0["rows"]] == [3, 3, 3]
+
+
+class TinySpatialFeatures(TinyFeatures):
+    """``TinyFeatures`` plus 4 "spatial" features (every 4th pixel, doubled) for sFID."""
+
+    name = "tiny-spatial"
+    spatial_dim = 4
+
+    def extract(self, images):
+        flat, logits = self(images)
+        return FeatureBatch(flat, logits, 2.0 * flat[:, ::4])
+
+
+def test_sfid_precision_recall_columns(flow, tmp_path):
+    labels = sample_labels(torch.arange(300), 2)
+    real = TinySpatialFeatures().extract(decode(flow.sample_data(300, labels, generator=torch.Generator().manual_seed(1))))
+    ref = ReferenceStats(pool=feature_statistics(real.features), spatial=feature_statistics(real.spatial),
+                         features=real.features[:200])
+    cache = ReferenceCache()
+    kw = dict(solvers=["euler"], budgets={"euler": [2, 8]}, num_samples=12, feature_extractor=TinySpatialFeatures(),
+              reference_cache=cache, batch_size=5)
+    rows, _ = _sweep(flow, None, ref, **kw)
+    for row in rows[1:]:  # the same samples, scored by the pure metric functions
+        x = generate(flow, None, "euler", row["steps"], torch.arange(12), seed=3, sampling_cfg=SAMPLING).x
+        gen = TinySpatialFeatures().extract(decode(x))
+        assert row["fid"] == pytest.approx(frechet_distance(feature_statistics(gen.features), ref.pool), rel=1e-6)
+        assert row["sfid"] == pytest.approx(frechet_distance(feature_statistics(gen.spatial), ref.spatial), rel=1e-6)
+        assert (row["precision"], row["recall"]) == precision_recall(gen.features, ref.features)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("precision", "recall")) and rows[1]["sfid"] > 0.0
+    # The reference row again, from the cache (spatial features included): the same metrics.
+    again, _ = _sweep(flow, None, ref, **kw)
+    assert [{k: r[k] for k in ("fid", "sfid", "precision", "recall")} for r in again] == \
+        [{k: r[k] for k in ("fid", "sfid", "precision", "recall")} for r in rows]
+
+    paths = write_reports(rows, {}, tmp_path)
+    back = read_csv(paths["csv"])
+    assert [b["recall"] for b in back] == [r["recall"] for r in rows]
+    assert back[1]["sfid"] == pytest.approx(rows[1]["sfid"], rel=1e-7)
+    assert "| solver | nfe | steps | fid | sfid | is | precision | recall |" in paths["md"].read_text()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    log_tensorboard(writer, rows, {})
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("nfe_sweep/recall/euler")] == [
+        (2, pytest.approx(rows[1]["recall"])), (8, pytest.approx(rows[2]["recall"]))]
+    assert [e.step for e in acc.Scalars("nfe_sweep/sfid/euler")] == [2, 8]

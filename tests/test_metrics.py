@@ -109,7 +109,7 @@ def test_stats_round_trip_and_adm_layout(tmp_path):
 def test_inception_features_load_local_weights_only(tmp_path, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as fe_mod
 
-    from bafm.eval.features import InceptionFeatures, resolve_inception_weights, to_uint8
+    from bafm.eval.features import InceptionFeatures, to_uint8
 
     # A randomly initialised inception-v3-compat state dict stands in for the real weights file.
     with monkeypatch.context() as m:
@@ -132,9 +132,7 @@ def test_inception_features_load_local_weights_only(tmp_path, monkeypatch):
     torch.testing.assert_close(feats, ref_feats)
     torch.testing.assert_close(logits, ref_logits)
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match=r"hub/checkpoints/weights-inception-2015-12-05-6726825d\.pth"):
-        resolve_inception_weights("")
+    # A named file is never downloaded (the hub cache's download: test_adm_metrics).
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         InceptionFeatures(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")

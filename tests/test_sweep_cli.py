@@ -12,6 +12,11 @@ from bafm.eval.report import read_csv
 
 
 
+def _is_fraction(value: float, n: int) -> bool:
+    """``value`` is ``k / n`` for an integer ``0 <= k <= n`` (up to the CSV's 8 digits)."""
+    return 0.0 <= value <= 1.0 and abs(value * n - round(value * n)) < 1e-5
+
+
 def _args(repo_root, tiny, tmp_path, *extra):
     return [
         "eval-nfe-sweep", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
@@ -28,12 +33,15 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert main(_args(repo_root, tiny, tmp_path, "eval.save_npz=true")) == 0
     out = tmp_path / "out"
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert header == "solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples"
+    assert header == "solver,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
     rows = read_csv(out / "results.csv")
     assert [(r["solver"], r["nfe"], r["steps"]) for r in rows[1:]] == [("ba", 3, 3), ("euler", 2, 2), ("euler", 4, 4)]
     assert rows[0]["solver"] == "reference" and rows[0]["traj_rmse"] == 0.0
     for r in rows:
         assert r["n_samples"] == 20 and r["fid"] >= 0.0 and r["is"] >= 1.0 and r["seconds"] > 0.0
+        # Precision/recall against all real digits, as fractions of 20 samples and 1797 digits; no sFID.
+        assert r["sfid"] is None and 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        assert _is_fraction(r["precision"], 20) and _is_fraction(r["recall"], 1797)
     assert all(r["traj_rmse"] > 0.0 for r in rows[1:])
     printed = capsys.readouterr().out
     assert (out / "results.md").read_text() in printed
@@ -45,6 +53,8 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert [e.step for e in fid_euler] == [2, 4]
     assert [e.value for e in fid_euler] == pytest.approx([rows[2]["fid"], rows[3]["fid"]], rel=1e-6)
     assert [e.value for e in events.Scalars("nfe_sweep/traj_rmse/ba")] == pytest.approx([rows[1]["traj_rmse"]], rel=1e-6)
+    assert [e.value for e in events.Scalars("nfe_sweep/precision/ba")] == pytest.approx([rows[1]["precision"]], rel=1e-6)
+    assert not [t for t in events.Tags()["scalars"] if "/sfid/" in t]  # blank for the classifier: not logged
     arr = np.load(out / "samples" / "euler_nfe004.npz")["arr_0"]
     assert arr.shape == (20, 16, 16, 1) and arr.dtype == np.uint8
     assert (tmp_path / "data" / "digits" / "reference_stats.npz").is_file()  # cached for the next run
@@ -68,3 +78,21 @@ def test_cli_bad_input_fails_before_work(repo_root, tiny, tmp_path, capsys):
         for needle in needles:
             assert needle in err, (extra, err)
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_cli_inception_sweep_reports_sfid(repo_root, tiny, tmp_path):
+    """Inception features (random weights in torch-fidelity's layout) against an ADM-style image batch."""
+    from factories import random_inception_weights
+
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    args = _args(repo_root, tiny, tmp_path, "eval.feature_extractor=inception", f"eval.inception_weights={weights}",
+                 f"eval.reference_stats={tmp_path / 'ref.npz'}", "eval.num_samples=6", "eval.solvers=[euler]",
+                 "eval.budgets={euler: [2]}", "eval.is_splits=1")
+    assert main(args) == 0
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert [r["solver"] for r in rows] == ["reference", "euler"]
+    for r in rows:
+        assert r["sfid"] > 0.0 and r["fid"] > 0.0 and _is_fraction(r["precision"], 6) and _is_fraction(r["recall"], 8)

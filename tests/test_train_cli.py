@@ -38,8 +38,9 @@ def test_train_logs_sweeps_exports_and_resumes(tmp_path, capsys):
     acc = _events(tmp_path / "runs" / "digits")
     scalars = set(acc.Tags()["scalars"])
     for solver in ("ba", "euler"):
-        for metric in ("fid", "is", "traj_rmse"):
+        for metric in ("fid", "is", "precision", "recall", "traj_rmse"):
             assert f"sweep/{metric}/{solver}_nfe4" in scalars
+        assert f"sweep/sfid/{solver}_nfe4" not in scalars  # the digits classifier has no spatial features
         assert f"samples/{solver}_nfe4" in acc.Tags()["images"]
     assert [e.step for e in acc.Scalars("sweep/fid/ba_nfe4")] == [2, 4]
     assert {"train/loss", "params/trainable"} <= scalars

@@ -4,7 +4,10 @@ For each solver and NFE budget, every sample ``i < num_samples`` is generated fr
 noise and label (see ``bafm.eval.sampler``), decoded to ``[0, 1]`` images and summarised by:
 
 - ``fid``: Fréchet distance of the extractor's features to the reference statistics;
+- ``sfid``: the same for its spatial features (Inception only; blank for other extractors);
 - ``is``: inception score of the extractor's logits (NaN for extractors without logits);
+- ``precision``, ``recall``: k-NN manifold precision and recall (k = 3) against the
+  reference's real features (blank when the reference has none);
 - ``traj_rmse``: mean over samples of the RMS latent distance to the ``reference`` solver's
   sample from the same noise and label (the reference is solved once and cached);
 - ``seconds``: sampling wall time per image on this device (CUDA-synchronised).
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from bafm.eval.distributed import broadcast_object, world_info
 from bafm.eval.features import FeatureExtractor
-from bafm.eval.metrics import FeatureStats
+from bafm.eval.metrics import FeatureStats, ReferenceStats
 from bafm.eval.points import COLUMNS, ReferenceCache, Row, SweepContext, SweepPoint, reduce_point, run_point
 from bafm.eval.sampler import REFERENCE, latent_shape, uses_side_fn
 from bafm.solvers import SOLVERS
@@ -128,7 +131,7 @@ def evaluate_sweep(
     sampling_cfg: Any,
     decoder: Callable[[Tensor], Tensor],
     feature_extractor: FeatureExtractor,
-    reference_stats: Optional[FeatureStats],
+    reference_stats: Optional[FeatureStats | ReferenceStats],
     batch_size: int,
     device: torch.device | str,
     reference_cache: Optional[ReferenceCache] = None,
@@ -156,7 +159,8 @@ def evaluate_sweep(
         sampling_cfg: ``cfg.sampling`` (``cfg_scale``, ``guidance_interval``, ``grid``, ``shift``).
         decoder: latents ``(B, C, H, W)`` -> images ``(B, C', H', W')`` in ``[0, 1]``.
         feature_extractor: images -> ``(features, logits or None)``.
-        reference_stats: real-data statistics for FID; None leaves ``fid`` NaN.
+        reference_stats: real-data statistics for FID, or a ``ReferenceStats`` that adds spatial
+            statistics (sFID) and real features (precision/recall); None leaves ``fid`` NaN.
         batch_size: samples per solve on each rank.
         device: where to sample.
         reference_cache: reference results kept between calls (e.g. by the training callback).
@@ -278,7 +282,7 @@ class SweepEngine:
         sampling_cfg: Any,
         decoder: Callable[[Tensor], Tensor],
         feature_extractor: FeatureExtractor,
-        reference_stats: Optional[FeatureStats],
+        reference_stats: Optional[FeatureStats | ReferenceStats],
         seed: int = 0,
         batch_size: int = 250,
         reference_rtol: float = 1e-5,

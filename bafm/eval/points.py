@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
-from bafm.eval.metrics import FeatureStats, feature_statistics, frechet_distance, inception_score
+from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
 from bafm.eval.sampler import REFERENCE, sample_labels, sample_noise, solve_batch
 
-COLUMNS = ("solver", "nfe", "steps", "fid", "is", "traj_rmse", "seconds", "n_samples")
+# sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
+COLUMNS = ("solver", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds", "n_samples")
 Row = Dict[str, Any]
 
 
@@ -43,6 +44,7 @@ class ReferenceCache:
     latents: Dict[int, Tensor] = field(default_factory=dict)  # (C, H, W) on the CPU
     features: Dict[int, Tensor] = field(default_factory=dict)  # (D,)
     logits: Dict[int, Tensor] = field(default_factory=dict)  # (K,)
+    spatial: Dict[int, Tensor] = field(default_factory=dict)  # (S,)
     nfe: Dict[int, float] = field(default_factory=dict)  # batch NFE each sample was solved with
     steps: Dict[int, float] = field(default_factory=dict)
     seconds: Dict[int, float] = field(default_factory=dict)  # sampling time per image
@@ -59,6 +61,7 @@ class LocalResults:
     indices: List[Tensor] = field(default_factory=list)
     features: List[Tensor] = field(default_factory=list)
     logits: List[Tensor] = field(default_factory=list)
+    spatial: List[Tensor] = field(default_factory=list)
     rmse: List[Tensor] = field(default_factory=list)
     grid_idx: List[Tensor] = field(default_factory=list)
     grid: List[Tensor] = field(default_factory=list)
@@ -80,7 +83,7 @@ class SweepContext:
     sampling_cfg: Any
     decoder: Callable[[Tensor], Tensor]
     extractor: FeatureExtractor
-    reference_stats: Optional[FeatureStats]
+    reference_stats: Optional[FeatureStats | ReferenceStats]
     device: torch.device
     cache: ReferenceCache
     use_reference: bool
@@ -126,6 +129,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             images = ctx.decoder(x) if needs_images else None
             feats = torch.stack([cache.features[i] for i in ids])
             logits = torch.stack([cache.logits[i] for i in ids]) if ids[0] in cache.logits else None
+            spatial = torch.stack([cache.spatial[i] for i in ids]) if ids[0] in cache.spatial else None
             nfe, steps = sum(cache.nfe[i] for i in ids), sum(cache.steps[i] for i in ids)
             elapsed = sum(cache.seconds[i] for i in ids)
         else:
@@ -140,7 +144,8 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             elapsed = time.perf_counter() - start
             x = res.x
             images = ctx.decoder(x)
-            feats, logits = ctx.extractor(images)
+            extracted = ctx.extractor.extract(images)
+            feats, logits, spatial = extracted.features, extracted.logits, extracted.spatial
             nfe, steps = float(res.nfe) * len(ids), float(res.steps) * len(ids)
             if is_ref:
                 for r, i in enumerate(ids):
@@ -148,12 +153,16 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
                     cache.features[i] = feats[r].float().cpu()
                     if logits is not None:
                         cache.logits[i] = logits[r].float().cpu()
+                    if spatial is not None:
+                        cache.spatial[i] = spatial[r].float().cpu()
                     cache.nfe[i], cache.steps[i] = float(res.nfe), float(res.steps)
                     cache.seconds[i] = elapsed / len(ids)
         out.indices.append(idx)
         out.features.append(feats.float().cpu())
         if logits is not None:
             out.logits.append(logits.float().cpu())
+        if spatial is not None:
+            out.spatial.append(spatial.float().cpu())
         if is_ref:
             out.rmse.append(torch.zeros(len(ids), dtype=torch.float64))
         elif ctx.use_reference:
@@ -200,6 +209,7 @@ def reduce_point(
     idx = torch.cat(local.indices) if local.indices else torch.zeros(0, dtype=torch.int64)
     feats = gather_to_rank0(cat(local.features), idx, device)
     logits = gather_to_rank0(cat(local.logits), idx if local.logits else idx[:0], device)
+    spatial = gather_to_rank0(cat(local.spatial), idx if local.spatial else idx[:0], device)
     rmse = gather_to_rank0(cat(local.rmse), idx if local.rmse else idx[:0], device)
     gidx = torch.cat(local.grid_idx) if local.grid_idx else torch.zeros(0, dtype=torch.int64)
     grid_all = gather_to_rank0(cat(local.grid), gidx if local.grid else gidx[:0], device)
@@ -208,12 +218,11 @@ def reduce_point(
 
     n = max(int(count), 1)
     row: Row = {"solver": point.solver, "nfe": int(round(nfe_sum / n)), "steps": int(round(steps_sum / n)),
-                "fid": math.nan, "is": math.nan, "traj_rmse": math.nan, "seconds": seconds_sum / n,
-                "n_samples": int(count)}
+                "fid": math.nan, "sfid": math.nan, "is": math.nan, "precision": math.nan, "recall": math.nan,
+                "traj_rmse": math.nan, "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:
         return row, None, None
-    if ctx.reference_stats is not None and feats.shape[0] >= 2:
-        row["fid"] = frechet_distance(feature_statistics(feats), ctx.reference_stats)
+    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device))
     if logits is not None:
         row["is"] = inception_score(logits, splits=ctx.is_splits)[0]
     if ctx.use_reference and rmse is not None and rmse.numel():

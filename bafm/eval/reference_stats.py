@@ -1,50 +1,74 @@
-"""Reference feature statistics (``mu``, ``sigma``) for FID: compute, cache, load, save.
+"""Reference data for the sweep's metrics: statistics and features, computed, cached, loaded, saved.
+
+What is kept (``ReferenceStats``): ``mu``/``sigma`` of the extractor's features (FID),
+``mu_s``/``sigma_s`` of its spatial features (sFID; Inception only) and ``prc_features``, the
+real feature vectors precision/recall compare with: all reference images up to
+``eval.prc_reference_size`` (default 10000, as ADM's reference batches), else a fixed random
+subset of that size (seed ``PRC_SUBSET_SEED``); 0 turns precision/recall off.
 
 Sources, by ``eval.reference_stats``:
 
 - empty, digits classifier: all real digits (train + val) through the classifier, cached in
-  ``<data.root>/<data.dataset>/reference_stats.npz`` and recomputed when the classifier changes;
+  ``<data.root>/<data.dataset>/reference_stats.npz`` and recomputed when the classifier changes
+  (or a cached file lacks a key now needed, e.g. one written before precision/recall);
 - an ``.npz`` with ``mu`` and ``sigma`` (ADM's ``VIRTUAL_imagenet256_labeled.npz`` or a file
-  written here): used as is;
+  written here): its statistics (and ``mu_s``/``sigma_s``, ``prc_features``) used as is; when it
+  lacks ``prc_features`` but holds ``arr_0`` images (ADM's files do), those are computed from
+  the images once and cached like the digits;
 - an ``.npz`` with only ``arr_0`` (uint8 images ``(N, H, W, C)``, the ADM sample format) or a
-  folder of images: features computed once, cached like the digits.
+  folder of images: everything computed once, cached like the digits.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from bafm.eval.features import FeatureExtractor
-from bafm.eval.metrics import FeatureStats, feature_statistics
+from bafm.eval.metrics import FeatureStats, ReferenceStats, feature_statistics
 from bafm.io import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "reference_stats.npz"
+PRC_SUBSET_SEED = 0  # the precision/recall subset of a large reference set is fixed by this seed
 
 
-def save_stats(path: str | Path, stats: FeatureStats, *, extractor: str, source: str = "") -> Path:
-    """Write ``mu``, ``sigma``, ``n`` and provenance to an ``.npz``, atomically.
+def save_stats(
+    path: str | Path,
+    stats: FeatureStats | ReferenceStats,
+    *,
+    extractor: str,
+    source: str = "",
+    prc_size: int = 0,
+) -> Path:
+    """Write ``mu``, ``sigma``, ``n``, provenance and what else ``stats`` holds to an ``.npz``, atomically.
 
     Args:
         path: destination ``.npz``.
-        stats: the statistics.
+        stats: pool statistics, or a ``ReferenceStats`` (adds ``mu_s``/``sigma_s`` and
+            ``prc_features`` when present).
         extractor: feature-space name (``FeatureExtractor.name``).
         source: what the statistics were computed from.
+        prc_size: the ``eval.prc_reference_size`` the features were selected for.
 
     Returns:
         ``path``.
     """
-    path = Path(path)
+    ref = stats if isinstance(stats, ReferenceStats) else ReferenceStats(pool=stats)
+    arrays: Dict[str, Any] = dict(mu=ref.pool.mu, sigma=ref.pool.sigma, n=np.int64(ref.pool.n),
+                                  extractor=np.str_(extractor), source=np.str_(source))
+    if ref.spatial is not None:
+        arrays.update(mu_s=ref.spatial.mu, sigma_s=ref.spatial.sigma)
+    if ref.features is not None:
+        arrays.update(prc_features=ref.features.cpu().float().numpy(), prc_size=np.int64(prc_size))
     buf = io.BytesIO()
-    np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
-             extractor=np.str_(extractor), source=np.str_(source))
+    np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
-    return path
+    return Path(path)
 
 
 def load_stats(path: str | Path) -> tuple[FeatureStats, dict[str, str]]:
@@ -73,10 +97,39 @@ def load_stats(path: str | Path) -> tuple[FeatureStats, dict[str, str]]:
     return stats, info
 
 
+def load_reference(path: str | Path) -> tuple[ReferenceStats, dict[str, Any]]:
+    """Everything a statistics ``.npz`` holds: ``mu``/``sigma``, and ``mu_s``/``sigma_s`` and
+    ``prc_features`` where present.
+
+    Args:
+        path: the file (ADM's or one written by ``save_stats``).
+
+    Returns:
+        ``(reference, info)``; info has ``extractor`` and ``source`` (as ``load_stats``),
+        ``prc_size`` (-1 when absent) and ``keys`` (the file's array names).
+    """
+    pool, info = load_stats(path)
+    with np.load(path, allow_pickle=False) as data:
+        spatial = FeatureStats(data["mu_s"], data["sigma_s"], n=pool.n) if "mu_s" in data.files else None
+        feats = torch.from_numpy(data["prc_features"].astype(np.float32)) if "prc_features" in data.files else None
+        extra = {"prc_size": int(data["prc_size"]) if "prc_size" in data.files else -1, "keys": list(data.files)}
+    try:
+        ref = ReferenceStats(pool=pool, spatial=spatial, features=feats)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return ref, {**info, **extra}
+
+
 def npz_has_stats(path: str | Path) -> bool:
     """Whether an ``.npz`` holds ``mu`` and ``sigma`` (reads only the archive's index)."""
     with np.load(path, allow_pickle=False) as data:
         return "mu" in data.files and "sigma" in data.files
+
+
+def npz_has_images(path: str | Path) -> bool:
+    """Whether an ``.npz`` holds ``arr_0`` images (reads only the archive's index)."""
+    with np.load(path, allow_pickle=False) as data:
+        return "arr_0" in data.files
 
 
 def iter_npz_images(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]:
@@ -118,22 +171,56 @@ def iter_folder_images(folder: str | Path, batch_size: int) -> Iterator[torch.Te
         yield torch.stack(batch).permute(0, 3, 1, 2).float() / 255.0
 
 
+def prc_subset(n: int, size: int, seed: int = PRC_SUBSET_SEED) -> torch.Tensor:
+    """Indices of the precision/recall reference subset: all ``n`` if ``size >= n``, else a
+    seeded random choice of ``size``, sorted.
+
+    Returns:
+        int64 ``(min(n, size),)``.
+    """
+    if size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
 @torch.no_grad()
-def compute_stats(
-    batches: Iterable[torch.Tensor], extractor: FeatureExtractor, device: torch.device | str = "cpu"
-) -> FeatureStats:
-    """Statistics of the extractor's features over image batches.
+def compute_reference(
+    batches: Iterable[torch.Tensor],
+    extractor: FeatureExtractor,
+    device: torch.device | str = "cpu",
+    prc_size: int = 0,
+) -> ReferenceStats:
+    """Statistics (and precision/recall features) of the extractor's features over image batches.
 
     Args:
         batches: ``(B, C, H, W)`` images in ``[0, 1]``.
         extractor: feature extractor.
         device: where to run it.
+        prc_size: keep at most this many feature vectors for precision/recall (``prc_subset``);
+            0: none.
 
     Returns:
-        ``FeatureStats`` over all images.
+        Pool statistics over all images, spatial statistics when the extractor has spatial
+        features, and the precision/recall features.
     """
-    feats = [extractor(b.to(device))[0].cpu() for b in batches]
-    return feature_statistics(torch.cat(feats))
+    feats: List[torch.Tensor] = []
+    spatial: List[torch.Tensor] = []
+    for b in batches:
+        out = extractor.extract(b.to(device))
+        feats.append(out.features.float().cpu())
+        if out.spatial is not None:
+            spatial.append(out.spatial.float().cpu())
+    all_feats = torch.cat(feats)
+    subset = all_feats[prc_subset(all_feats.shape[0], prc_size)].clone() if prc_size > 0 else None
+    return ReferenceStats(pool=feature_statistics(all_feats),
+                          spatial=feature_statistics(torch.cat(spatial)) if spatial else None, features=subset)
+
+
+def compute_stats(
+    batches: Iterable[torch.Tensor], extractor: FeatureExtractor, device: torch.device | str = "cpu"
+) -> FeatureStats:
+    """Pool statistics of the extractor's features over image batches (see ``compute_reference``)."""
+    return compute_reference(batches, extractor, device).pool
 
 
 def digits_images01(cfg: Any) -> torch.Tensor:
@@ -175,52 +262,78 @@ def check_reference_source(cfg: Any) -> None:
         )
 
 
+def _image_batches(cfg: Any, batch_size: int) -> Iterable[torch.Tensor]:
+    """The reference images of ``cfg`` (digits, a folder or an ``arr_0`` ``.npz``) in batches."""
+    ref = str(cfg.eval.reference_stats)
+    if not ref:
+        return digits_images01(cfg).split(batch_size)
+    if Path(ref).is_dir():
+        return iter_folder_images(ref, batch_size)
+    return iter_npz_images(ref, batch_size)
+
+
+def _cached_or_computed(
+    cfg: Any, extractor: FeatureExtractor, device: torch.device | str, batch_size: int, prc_size: int
+) -> ReferenceStats:
+    """The reference computed from ``cfg``'s images, from the cache when it is still valid."""
+    cached, source = cache_path(cfg), _source_of(cfg)
+    if cached.is_file():
+        old, info = load_reference(cached)
+        valid = (info["extractor"] == extractor.name and info["source"] == source
+                 and (old.spatial is not None or extractor.spatial_dim == 0)
+                 and (prc_size == 0 or (old.features is not None and info["prc_size"] == prc_size)))
+        if valid:  # a file written before a key was needed is recomputed
+            return old if prc_size > 0 else ReferenceStats(pool=old.pool, spatial=old.spatial)
+    fresh = compute_reference(_image_batches(cfg, batch_size), extractor, device, prc_size=prc_size)
+    save_stats(cached, fresh, extractor=extractor.name, source=source, prc_size=prc_size)
+    return fresh
+
+
 def resolve_reference_stats(
     cfg: Any, extractor: FeatureExtractor, device: torch.device | str = "cpu", batch_size: int = 256
-) -> FeatureStats:
-    """Reference statistics for ``cfg`` in ``extractor``'s feature space (see the module docstring).
+) -> ReferenceStats:
+    """Reference statistics and features for ``cfg`` in ``extractor``'s feature space (see the module docstring).
 
     Args:
-        cfg: experiment config (``eval.reference_stats``, ``data.*``).
+        cfg: experiment config (``eval.reference_stats``, ``eval.prc_reference_size``, ``data.*``).
         extractor: the sweep's feature extractor.
         device: where to compute features when needed.
         batch_size: feature-extraction batch size.
 
     Returns:
-        The statistics.
+        The reference: ``spatial`` only for extractors with spatial features, ``features`` None
+        when precision/recall are off or the statistics file has neither features nor images.
 
     Raises:
         FileNotFoundError: see ``check_reference_source``.
-        ValueError: statistics in another feature space than ``extractor``'s.
+        ValueError: statistics in another feature space than ``extractor``'s, or a negative
+            ``eval.prc_reference_size``.
     """
     check_reference_source(cfg)
     ref = str(cfg.eval.reference_stats)
+    prc_size = int(cfg.eval.prc_reference_size)
+    if prc_size < 0:
+        raise ValueError(f"eval.prc_reference_size is {prc_size}, expected 0 (off) or a positive number of images.")
     if ref and Path(ref).is_file() and npz_has_stats(ref):
-        stats, info = load_stats(ref)
+        given, info = load_reference(ref)
         if info["extractor"] and info["extractor"] != extractor.name:
             raise ValueError(f"{ref}: statistics were computed with '{info['extractor']}', "
                              f"the sweep uses '{extractor.name}'.")
+        features = given.features if prc_size > 0 else None
+        if prc_size > 0 and features is None and npz_has_images(ref):
+            features = _cached_or_computed(cfg, extractor, device, batch_size, prc_size).features
+        reference = ReferenceStats(pool=given.pool, spatial=given.spatial if extractor.spatial_dim else None,
+                                   features=features)
     else:
-        cached = cache_path(cfg)
-        source = _source_of(cfg)
-        stats = None
-        if cached.is_file():
-            old, info = load_stats(cached)
-            if info["extractor"] == extractor.name and info["source"] == source:
-                stats = old
-        if stats is None:
-            if not ref:
-                images = digits_images01(cfg)
-                batches: Iterable[torch.Tensor] = images.split(batch_size)
-            elif Path(ref).is_dir():
-                batches = iter_folder_images(ref, batch_size)
-            else:
-                batches = iter_npz_images(ref, batch_size)
-            stats = compute_stats(batches, extractor, device)
-            save_stats(cached, stats, extractor=extractor.name, source=source)
-    if stats.dim != extractor.feature_dim:
+        reference = _cached_or_computed(cfg, extractor, device, batch_size, prc_size)
+    if reference.dim != extractor.feature_dim:
         raise ValueError(
-            f"reference statistics have dimension {stats.dim}, the '{extractor.name}' features "
+            f"reference statistics have dimension {reference.dim}, the '{extractor.name}' features "
             f"{extractor.feature_dim}: reference and feature extractor do not match."
         )
-    return stats
+    if reference.spatial is not None and reference.spatial.dim != extractor.spatial_dim:
+        raise ValueError(
+            f"reference spatial statistics (mu_s, sigma_s) have dimension {reference.spatial.dim}, the "
+            f"'{extractor.name}' spatial features {extractor.spatial_dim}: reference and feature extractor do not match."
+        )
+    return reference

@@ -23,13 +23,15 @@ from bafm.eval.sampler import REFERENCE
 
 
 def _fmt(value: Any, spec: str) -> str:
+    if value is None:  # a metric this extractor/reference does not provide: a blank cell
+        return ""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else format(value, spec)
     return str(value)
 
 
 def rows_to_csv(rows: Sequence[Row], columns: Sequence[str] = COLUMNS, spec: str = ".8g") -> str:
-    """CSV text with exactly ``columns`` (default ``solver,nfe,steps,fid,is,traj_rmse,seconds,n_samples``)."""
+    """CSV text with exactly ``columns`` (default ``COLUMNS``); None is written as an empty cell."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -39,20 +41,26 @@ def rows_to_csv(rows: Sequence[Row], columns: Sequence[str] = COLUMNS, spec: str
 
 
 def read_csv(path: str | Path) -> List[Dict[str, Any]]:
-    """Rows of a ``results.csv`` with numbers parsed (ints for nfe/steps/n_samples)."""
+    """Rows of a ``results.csv`` with numbers parsed (ints for nfe/steps/n_samples, None for blank cells).
+
+    Files written before ``sfid``/``precision``/``recall`` existed read without those keys.
+    """
     out = []
     with open(path, newline="") as f:
         for rec in csv.DictReader(f):
             row: Dict[str, Any] = {"solver": rec["solver"]}
             for c in ("nfe", "steps", "n_samples"):
                 row[c] = int(rec[c])
-            for c in ("fid", "is", "traj_rmse", "seconds"):
-                row[c] = float(rec[c])
+            for c in METRIC_COLUMNS:
+                if c in rec:
+                    row[c] = float(rec[c]) if rec[c] != "" else None
             out.append(row)
     return out
 
 
-SWEEP_SPECS = {"fid": ".3f", "is": ".3f", "traj_rmse": ".4g", "seconds": ".4g"}
+METRIC_COLUMNS = ("fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds")
+SWEEP_SPECS = {"fid": ".3f", "sfid": ".3f", "is": ".3f", "precision": ".3f", "recall": ".3f", "traj_rmse": ".4g",
+               "seconds": ".4g"}
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS,
@@ -178,7 +186,9 @@ def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, 
         prefix: tag prefix.
     """
     for row in rows:
-        for metric in ("fid", "is", "traj_rmse", "seconds"):
+        for metric in METRIC_COLUMNS:
+            if row.get(metric) is None:  # not provided by this extractor/reference
+                continue
             value = float(row[metric])
             if not math.isnan(value):
                 writer.add_scalar(f"{prefix}/{metric}/{row['solver']}", value, global_step=int(row["nfe"]))

@@ -17,7 +17,8 @@ class NFESweepCallback(Callback):
 
     For each solver in ``eval.callback_solvers`` and budget in ``eval.callback_budgets`` it runs
     the evaluation engine on ``eval.callback_num_samples`` fixed per-sample seeds and logs
-    ``sweep/<metric>/<solver>_nfe<N>`` (FID, IS, trajectory RMSE) and sample grids to
+    ``sweep/<metric>/<solver>_nfe<N>`` (FID, sFID with Inception, IS, precision, recall,
+    trajectory RMSE) and sample grids to
     TensorBoard, plus a CSV per evaluation under ``runs/<experiment>/train_sweeps/``. Samples
     are split across ranks by the engine; only rank 0 writes.
     """
@@ -68,7 +69,7 @@ class NFESweepCallback(Callback):
         metrics = {}
         for row in result.rows:
             tag = f"{row['solver']}_nfe{row['nfe']}"
-            for key in ("fid", "is", "traj_rmse"):
+            for key in ("fid", "sfid", "is", "precision", "recall", "traj_rmse"):
                 if row.get(key) is not None:
                     metrics[f"sweep/{key}/{tag}"] = float(row[key])
         for logger in trainer.loggers:
