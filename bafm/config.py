@@ -129,8 +129,9 @@ class SamplingConfig:
 
     cfg_scale: float = 1.0  # 1.0: no guidance
     guidance_interval: List[float] = field(default_factory=lambda: [0.0, 0.7])  # CFG for t in (lo, hi]
-    grid: str = "uniform"  # uniform | shifted
+    grid: str = "uniform"  # uniform | shift (SD3 time shift by `shift`) | optimized (`bafm optimize-grid`)
     shift: float = 1.0
+    grid_file: str = ""  # optimized grids JSON; empty: <sidenet stem>.grids.json beside the SideNet in use
 
 
 @dataclass
@@ -319,7 +320,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "data.on_error": ("raise", "skip"),
         "data.source": ("digits", "folder"),
         "backbone.source": ("repa", "sit"),
-        "sampling.grid": ("uniform", "shifted"),
+        "sampling.grid": ("uniform", "shift", "optimized"),
         "eval.feature_extractor": ("classifier", "inception"),
     }
     for key, allowed in choices.items():
@@ -353,3 +354,11 @@ def checkpoint_dir(cfg: ExperimentConfig) -> Path:
 def sidenet_path(cfg: ExperimentConfig) -> Path:
     """The SideNet used for sampling: ``sidenet.path`` or the experiment's exported EMA weights."""
     return Path(cfg.sidenet.path) if cfg.sidenet.path else checkpoint_dir(cfg) / "sidenet.safetensors"
+
+
+def grid_file_path(cfg: ExperimentConfig) -> Path:
+    """Optimized grids: ``sampling.grid_file``, else ``<stem>.grids.json`` beside ``sidenet_path(cfg)``."""
+    if cfg.sampling.grid_file:
+        return Path(cfg.sampling.grid_file)
+    side = sidenet_path(cfg)
+    return side.with_name(f"{side.stem}.grids.json")

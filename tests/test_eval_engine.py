@@ -170,9 +170,9 @@ def test_reports(flow, ref_stats, tmp_path):
                          budgets={"euler": [2, 4], "midpoint": [4]})
     paths = write_reports(rows, grids, tmp_path, title="test")
     text = paths["csv"].read_text().splitlines()
-    assert text[0] == "solver,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
+    assert text[0] == "solver,grid,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
     # FID-only reference statistics and no spatial features: blank sfid, precision and recall.
-    assert text[1].split(",")[4] == text[1].split(",")[6] == text[1].split(",")[7] == ""
+    assert text[1].split(",")[5] == text[1].split(",")[7] == text[1].split(",")[8] == ""
     assert len(text) == 1 + len(rows)
     back = read_csv(paths["csv"])
     assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
@@ -180,7 +180,8 @@ def test_reports(flow, ref_stats, tmp_path):
         assert b["nfe"] == r["nfe"] and b["fid"] == pytest.approx(r["fid"], rel=1e-7)
         assert b["sfid"] is b["precision"] is b["recall"] is None
     md = paths["md"].read_text()
-    assert md == markdown_table(rows) and md.startswith("| solver | nfe | steps | fid | sfid | is | precision |")
+    assert md == markdown_table(rows) and md.startswith("| solver | grid | nfe | steps | fid | sfid | is | precision |")
+    assert [r["grid"] for r in back] == ["adaptive", "uniform", "uniform", "uniform"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
         "euler_nfe002.png", "euler_nfe004.png", "midpoint_nfe004.png", f"reference_nfe{rows[0]['nfe']:03d}.png"]
@@ -304,3 +305,26 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("nfe_sweep/recall/euler")] == [
         (2, pytest.approx(rows[1]["recall"])), (8, pytest.approx(rows[2]["recall"]))]
     assert [e.step for e in acc.Scalars("nfe_sweep/sfid/euler")] == [2, 8]
+
+
+def test_shift_and_optimized_grids_are_used_and_recorded(flow, ref_stats, tmp_path):
+    from bafm.solvers.grid_store import load_grid_table, save_grid_table
+    from bafm.solvers.grids import shifted_grid
+
+    kw = dict(solvers=["euler", "ba"], budgets={"euler": [4], "ba": [3]}, include_reference=False)
+    side = OracleSideNet(flow)
+    shift_cfg = SimpleNamespace(**dict(vars(SAMPLING), grid="shift", shift=3.0))
+    shifted, _ = _sweep(flow, side, ref_stats, sampling_cfg=shift_cfg, **kw)
+    # The same grids, stored as "optimized" ones, give the same samples.
+    path = save_grid_table(tmp_path / "side.grids.json", {("euler", 4): shifted_grid(4, 3.0, dtype=torch.float64).tolist(),
+                                                          ("ba", 3): shifted_grid(3, 3.0, dtype=torch.float64).tolist()},
+                           {"objective": "test"})
+    opt_cfg = SimpleNamespace(**dict(vars(SAMPLING), grid="optimized"))
+    optimized, _ = _sweep(flow, side, ref_stats, sampling_cfg=opt_cfg, grid_table=load_grid_table(path), **kw)
+    uniform, _ = _sweep(flow, side, ref_stats, **kw)
+    assert [r["grid"] for r in shifted] == ["shift", "shift"] and [r["grid"] for r in optimized] == ["optimized"] * 2
+    for a, b, u in zip(shifted, optimized, uniform):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["fid"] != pytest.approx(u["fid"], rel=1e-6)
+    with pytest.raises(SweepInputError, match=r"side.grids.json' has no grid for solver 'euler' at 8 NFE"):
+        _sweep(ExplodingBackbone(), None, ref_stats, sampling_cfg=opt_cfg, grid_table=load_grid_table(path),
+               solvers=["euler"], budgets={"euler": [8]})

@@ -34,7 +34,7 @@ def test_shifted_grid_formula():
 
 def test_make_grid_by_name():
     torch.testing.assert_close(make_grid("uniform", 5), uniform_grid(5), rtol=0, atol=0)
-    torch.testing.assert_close(make_grid("shifted", 5, shift=2.0), shifted_grid(5, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(make_grid("shift", 5, shift=2.0), shifted_grid(5, 2.0), rtol=0, atol=0)
     assert make_grid("uniform", 3, dtype=torch.float64).dtype == torch.float64
     with pytest.raises(ValueError, match="uniform"):
         make_grid("cosine", 5)
@@ -113,3 +113,41 @@ def test_budget_arithmetic_matches_counted_nfe(solver):
         else:
             with pytest.raises(ValueError, match=f"'{re.escape(solver)}' cannot spend exactly {nfe} NFE"):
                 steps_for_nfe(solver, nfe)
+
+
+def test_grid_table_round_trip_and_validation(tmp_path):
+    from bafm.solvers.grid_store import GridTable, grid_table_from_json, load_grid_table, save_grid_table
+
+    grids = {("ba", 3): [1.0, 0.61, 0.23, 0.0], ("euler", 2): [1.0, 0.4, 0.0]}
+    meta = {"objective": {"metric": "traj_rmse"}, "calibration": {"seeds": [1000000, 1000255]}}
+    path = save_grid_table(tmp_path / "sidenet.grids.json", grids, meta)
+    table = load_grid_table(path)
+    assert table.grids == grids and table.meta == meta and table.path == path
+    torch.testing.assert_close(table.grid("ba", 3), torch.tensor(grids[("ba", 3)], dtype=torch.float64))
+    assert not list(tmp_path.glob("*.tmp*")) and [p.name for p in tmp_path.iterdir()] == ["sidenet.grids.json"]
+    # A grid read back is a valid grid for its solver.
+    get_solver("euler")(lambda x, t: -x, torch.ones(2, 3), table.grid("euler", 2))
+    with pytest.raises(ValueError, match=r"sidenet.grids.json' has no grid for solver 'ba' at 5 NFE \(it holds: ba@3, euler@2\)"):
+        table.grid("ba", 5)
+    with pytest.raises(FileNotFoundError, match="make optimize-grid"):
+        load_grid_table(tmp_path / "missing.json")
+    bad = [
+        ('{"format": 1, "grids": {"euler": {"2": [1.0, 0.5, 0.6, 0.0]}}}', "strictly decreasing"),
+        ('{"format": 1, "grids": {"euler": {"2": [0.9, 0.5, 0.0]}}}', "from 1.0 to 0.0"),
+        ('{"format": 1, "grids": {"euler": {"2": [1.0, 0.6, 0.3, 0.0]}}}', "so 3 points, got 4"),
+        ('{"format": 1, "grids": {"heun": {"3": [1.0, 0.0]}}}', "nearest: 2 or 4"),
+        ('{"format": 1, "grids": {"euler": {"x": [1.0, 0.0]}}}', "not a positive integer"),
+        ('{"format": 2, "grids": {}}', '"format": 1'),
+        ("[1, 2", "not valid JSON"),
+    ]
+    for text, message in bad:
+        with pytest.raises(ValueError, match=message):
+            grid_table_from_json(text, "f.json")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        save_grid_table(tmp_path / "x.json", {("euler", 2): [1.0, 1.0, 0.0]}, {})
+    assert isinstance(table, GridTable)
+
+
+def test_optimized_grids_are_not_built_by_name():
+    with pytest.raises(ValueError, match="bafm optimize-grid"):
+        make_grid("optimized", 4)

@@ -170,8 +170,8 @@ def test_edit_latents_follow_the_exact_flows(problem):
 
 
 def test_grids_and_budgets():
-    shifted_up = solve_grid("heun", 8, "shifted", shift=3.0, increasing=True)
-    shifted_down = solve_grid("heun", 8, "shifted", shift=3.0, increasing=False)
+    shifted_up = solve_grid("heun", 8, "shift", shift=3.0, increasing=True)
+    shifted_down = solve_grid("heun", 8, "shift", shift=3.0, increasing=False)
     torch.testing.assert_close(shifted_up, shifted_down.flip(0), rtol=0, atol=0)
     assert shifted_up.numel() == 5 and shifted_up[0] == 0.0 and shifted_up[-1] == 1.0
     explicit = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=F64)

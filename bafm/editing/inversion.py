@@ -69,9 +69,9 @@ def solve_grid(
     Args:
         solver: registry name.
         nfe: NFE budget (None for an adaptive solver, or to take the steps from an explicit grid).
-        grid: ``"uniform"`` / ``"shifted"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
+        grid: ``"uniform"`` / ``"shift"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
             explicit strictly monotone grid between 0 and 1 in either orientation.
-        shift: time shift of ``"shifted"`` grids.
+        shift: time shift of ``"shift"`` grids.
         increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
         dtype: dtype of a named grid (an explicit one keeps its own); the solver rounds it to the
             state's dtype.
@@ -140,7 +140,7 @@ def invert(
         nfe: backbone calls to spend (None for ``reference``, or with an explicit grid).
         side_fn: ``side_fn(x, v, t, h)`` for the SideNet solvers; ignored by the others.
         grid: grid kind or explicit grid (see ``solve_grid``); the same one as ``generate`` gets.
-        shift: time shift of ``"shifted"`` grids.
+        shift: time shift of ``"shift"`` grids.
         **solver_options: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
 
     Returns:
@@ -221,7 +221,7 @@ def edit_latents(
         cfg_scale: guidance scale, the same for all three solves (1.0: none).
         interval: guidance interval ``(lo, hi)``; None: every ``t``.
         grid: grid kind or explicit grid, shared by the three solves.
-        shift: time shift of ``"shifted"`` grids.
+        shift: time shift of ``"shift"`` grids.
         **solver_options: passed to the solver.
 
     Returns:

@@ -34,6 +34,7 @@ from bafm.eval.metrics import FeatureStats, ReferenceStats
 from bafm.eval.points import COLUMNS, ReferenceCache, Row, SweepContext, SweepPoint, reduce_point, run_point
 from bafm.eval.sampler import REFERENCE, latent_shape, uses_side_fn
 from bafm.solvers import SOLVERS
+from bafm.solvers.grid_store import GridTable
 from bafm.solvers.grids import steps_for_nfe
 
 __all__ = ["COLUMNS", "ReferenceCache", "Row", "SweepEngine", "SweepInputError", "SweepPoint", "SweepResult",
@@ -120,6 +121,18 @@ def plan_sweep(
     return points
 
 
+def check_optimized_grids(points: Sequence[SweepPoint], table: Optional[GridTable]) -> None:
+    """Raise ``SweepInputError`` unless ``table`` holds a grid for every fixed-grid point."""
+    if table is None:
+        raise SweepInputError("sampling.grid is 'optimized' but no optimized grid file was loaded.")
+    for point in points:
+        if SOLVERS[point.solver].nfe_per_step is not None and not table.has(point.solver, point.nfe):
+            try:
+                table.grid(point.solver, point.nfe)
+            except ValueError as err:
+                raise SweepInputError(str(err)) from None
+
+
 def evaluate_sweep(
     backbone: nn.Module,
     sidenet: Optional[nn.Module],
@@ -145,6 +158,7 @@ def evaluate_sweep(
     shape: Optional[Sequence[int]] = None,
     is_splits: int = 10,
     sidenet_hint: str = "",
+    grid_table: Optional[GridTable] = None,
 ) -> Tuple[List[Row], Grids]:
     """Sample, decode and score every (solver, budget); the reference solver first.
 
@@ -176,6 +190,7 @@ def evaluate_sweep(
         shape: latent shape ``(C, H, W)``; read from the backbone when None.
         is_splits: splits of the inception score.
         sidenet_hint: the SideNet path expected, for the missing-SideNet error.
+        grid_table: the optimized grids, required when ``sampling_cfg.grid`` is ``"optimized"``.
 
     Returns:
         ``(rows, grids)``. ``rows`` (every rank): dicts with the keys of ``COLUMNS``, the reference
@@ -186,6 +201,8 @@ def evaluate_sweep(
         SweepInputError: bad solvers, budgets or missing SideNet, raised before any sampling.
     """
     points = plan_sweep(solvers, budgets, sidenet_available=sidenet is not None, sidenet_hint=sidenet_hint)
+    if str(sampling_cfg.grid) == "optimized":
+        check_optimized_grids(points, grid_table)
     include_reference = include_reference or REFERENCE in solvers
     rank, world = world_info()
     if num_samples < 1 or batch_size < 1 or reference_batch_size < 1:
@@ -216,7 +233,7 @@ def evaluate_sweep(
         decoder=decoder, extractor=feature_extractor, reference_stats=reference_stats, device=device,
         cache=cache, use_reference=include_reference, rtol=float(reference_rtol), atol=float(reference_atol),
         grid_images=int(grid_images), keep_uint8=sample_sink is not None, is_splits=int(is_splits),
-        batch_size=int(batch_size), bar=bar, world=world,
+        batch_size=int(batch_size), bar=bar, world=world, grid_table=grid_table,
     )
 
     rows: List[Row] = []
@@ -292,6 +309,7 @@ class SweepEngine:
         grid_images: int = 64,
         is_splits: int = 10,
         sidenet_hint: str = "",
+        grid_table: Optional[GridTable] = None,
     ) -> None:
         """Bind the fixed inputs (see ``evaluate_sweep`` for each)."""
         self.sampling_cfg = sampling_cfg
@@ -307,6 +325,7 @@ class SweepEngine:
         self.grid_images = int(grid_images)
         self.is_splits = int(is_splits)
         self.sidenet_hint = sidenet_hint
+        self.grid_table = grid_table
         self.reference_cache = ReferenceCache()
 
     @classmethod
@@ -320,9 +339,16 @@ class SweepEngine:
         Raises:
             SweepInputError: a file it needs is missing (names it and how to make it).
         """
-        from bafm.config import sidenet_path
+        from bafm.config import grid_file_path, sidenet_path
         from bafm.eval.inputs import build_eval_inputs
+        from bafm.solvers.grid_store import load_grid_table
 
+        table = None
+        if str(cfg.sampling.grid) == "optimized":
+            try:
+                table = load_grid_table(grid_file_path(cfg))
+            except (FileNotFoundError, ValueError) as err:
+                raise SweepInputError(str(err)) from None
         decoder, extractor, stats = build_eval_inputs(cfg, device)
         ec = cfg.eval
         return cls(
@@ -331,6 +357,7 @@ class SweepEngine:
             reference_atol=ec.reference_atol, reference_batch_size=ec.reference_batch_size,
             include_reference=ec.include_reference,
             grid_images=ec.grid_images, is_splits=ec.is_splits, sidenet_hint=str(sidenet_path(cfg)),
+            grid_table=table,
         )
 
     def run(
@@ -370,5 +397,6 @@ class SweepEngine:
             reference_rtol=self.reference_rtol, reference_atol=self.reference_atol,
             reference_batch_size=self.reference_batch_size, grid_images=self.grid_images,
             sample_sink=sample_sink, is_splits=self.is_splits, sidenet_hint=self.sidenet_hint,
+            grid_table=self.grid_table,
         )
         return SweepResult(rows, grids)

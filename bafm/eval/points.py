@@ -16,9 +16,12 @@ from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
 from bafm.eval.sampler import REFERENCE, sample_labels, sample_noise, solve_batch
+from bafm.solvers import SOLVERS
+from bafm.solvers.grid_store import GridTable
 
 # sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
-COLUMNS = ("solver", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds", "n_samples")
+COLUMNS = ("solver", "grid", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds",
+           "n_samples")
 Row = Dict[str, Any]
 
 
@@ -95,6 +98,19 @@ class SweepContext:
     batch_size: int
     bar: Any = None  # tqdm bar on rank 0
     world: int = 1
+    grid_table: Optional[GridTable] = None  # optimized grids, for sampling.grid = optimized
+
+    def grid_name(self, solver: str) -> str:
+        """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers, ``adaptive`` otherwise."""
+        return "adaptive" if SOLVERS[solver].nfe_per_step is None else str(self.sampling_cfg.grid)
+
+    def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
+        """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
+        if self.grid_name(point.solver) != "optimized":
+            return None
+        if self.grid_table is None:
+            raise ValueError("sampling.grid is 'optimized' but no grid table was loaded")
+        return self.grid_table.grid(point.solver, point.nfe, device=device)
 
 
 def image_grid(images: Tensor) -> Tensor:
@@ -120,6 +136,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
     out = LocalResults()
     cache, device = ctx.cache, ctx.device
     is_ref = point.solver == REFERENCE
+    t_grid = None if is_ref else ctx.grid_for(point, device)
     for idx in batches:
         ids = idx.tolist()
         if is_ref and all(i in cache.latents for i in ids):
@@ -139,7 +156,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             sync(device)
             start = time.perf_counter()
             res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                              ctx.sampling_cfg, **opts)
+                              ctx.sampling_cfg, t_grid=t_grid, **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x
@@ -217,7 +234,8 @@ def reduce_point(
     nfe_sum, steps_sum, seconds_sum, count = all_sum([local.nfe, local.steps, local.seconds, local.count], device)
 
     n = max(int(count), 1)
-    row: Row = {"solver": point.solver, "nfe": int(round(nfe_sum / n)), "steps": int(round(steps_sum / n)),
+    row: Row = {"solver": point.solver, "grid": ctx.grid_name(point.solver),
+                "nfe": int(round(nfe_sum / n)), "steps": int(round(steps_sum / n)),
                 "fid": math.nan, "sfid": math.nan, "is": math.nan, "precision": math.nan, "recall": math.nan,
                 "traj_rmse": math.nan, "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:

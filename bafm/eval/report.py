@@ -48,7 +48,7 @@ def read_csv(path: str | Path) -> List[Dict[str, Any]]:
     out = []
     with open(path, newline="") as f:
         for rec in csv.DictReader(f):
-            row: Dict[str, Any] = {"solver": rec["solver"]}
+            row: Dict[str, Any] = {"solver": rec["solver"], "grid": rec.get("grid", "uniform")}
             for c in ("nfe", "steps", "n_samples"):
                 row[c] = int(rec[c])
             for c in METRIC_COLUMNS:

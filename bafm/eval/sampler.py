@@ -124,6 +124,7 @@ def solve_batch(
     noise: Tensor,
     labels: Tensor,
     sampling_cfg: Any,
+    t_grid: Optional[Tensor] = None,
     **solver_opts: Any,
 ) -> SolveResult:
     """Integrate one batch from noise (``t = 1``) to data (``t = 0``).
@@ -136,6 +137,7 @@ def solve_batch(
         noise: ``(B, C, H, W)`` starting state.
         labels: ``(B,)`` int64 class labels.
         sampling_cfg: object with ``cfg_scale``, ``guidance_interval``, ``grid``, ``shift``.
+        t_grid: an explicit grid (e.g. an optimized one) instead of ``time_grid(...)``.
         **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
 
     Returns:
@@ -155,7 +157,8 @@ def solve_batch(
         interval=interval,
         side_velocity=sidenet.velocity if needs_side else None,
     )
-    t_grid = time_grid(solver, steps, sampling_cfg, noise.device)
+    if t_grid is None:
+        t_grid = time_grid(solver, steps, sampling_cfg, noise.device)
     kwargs = dict(solver_opts)
     if needs_side:
         kwargs["side_fn"] = side_fn

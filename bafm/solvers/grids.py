@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bafm.solvers import get_solver
 
-GRID_KINDS = ("uniform", "shifted")
+GRID_KINDS = ("uniform", "shift", "optimized")
 
 
 def _check_steps(steps: Any) -> int:
@@ -78,10 +78,13 @@ def make_grid(
 ) -> Tensor:
     """Grid by name (``sampling.grid`` / ``sampling.shift`` in the config).
 
+    ``"optimized"`` grids are searched per solver and NFE and stored in a file; they are read with
+    ``bafm.solvers.grid_store.load_grid_table(path).grid(solver, nfe)``, not built here.
+
     Args:
-        kind: ``"uniform"`` or ``"shifted"``.
+        kind: ``"uniform"`` or ``"shift"``.
         steps: number of intervals ``N >= 1``.
-        shift: shift ``s`` for ``"shifted"`` (ignored by ``"uniform"``).
+        shift: shift ``s`` for ``"shift"`` (ignored by ``"uniform"``).
         dtype: floating dtype; None: float32.
         device: device of the result.
 
@@ -90,8 +93,13 @@ def make_grid(
     """
     if kind == "uniform":
         return uniform_grid(steps, dtype=dtype, device=device)
-    if kind == "shifted":
+    if kind == "shift":
         return shifted_grid(steps, shift, dtype=dtype, device=device)
+    if kind == "optimized":
+        raise ValueError(
+            "grid 'optimized' is searched per solver and NFE (`bafm optimize-grid`) and read from its JSON "
+            "file with bafm.solvers.grid_store.load_grid_table(path).grid(solver, nfe)"
+        )
     raise ValueError(f"unknown grid kind {kind!r}, expected one of {GRID_KINDS}")
 
 
