@@ -293,7 +293,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
     back = read_csv(paths["csv"])
     assert [b["recall"] for b in back] == [r["recall"] for r in rows]
     assert back[1]["sfid"] == pytest.approx(rows[1]["sfid"], rel=1e-7)
-    assert "| solver | nfe | steps | fid | sfid | is | precision | recall |" in paths["md"].read_text()
+    assert "| solver | grid | nfe | steps | fid | sfid | is | precision | recall |" in paths["md"].read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
