@@ -44,6 +44,15 @@ def test_train_logs_sweeps_exports_and_resumes(tmp_path, capsys):
         assert f"samples/{solver}_nfe4" in acc.Tags()["images"]
     assert [e.step for e in acc.Scalars("sweep/fid/ba_nfe4")] == [2, 4]
     assert {"train/loss", "params/trainable"} <= scalars
+    # LearningRateMonitor: the linear warm-up of experiments/digits.yaml (lr 1e-3 over 50 steps).
+    lr = acc.Scalars("train/lr")
+    assert [e.step for e in lr] == [0, 1, 2, 3]
+    assert [e.value for e in lr] == pytest.approx([1e-3 * (k + 1) / 50 for k in range(4)], rel=1e-6)
+    # ThroughputMonitor: images seen so far (batch 16) and images/s once its 2-step window is full.
+    samples = acc.Scalars("train/samples")
+    assert [e.value for e in samples] == [16, 32, 48, 64]
+    assert [e.step for e in acc.Scalars("train/device/samples_per_sec")] == [e.step for e in samples[1:]]
+    assert min(e.value for e in acc.Scalars("train/device/samples_per_sec")) > 0
     assert (tmp_path / "runs" / "digits" / "train_sweeps" / "step0000004.csv").is_file()
 
     # Resume from the newest checkpoint and train two more steps.

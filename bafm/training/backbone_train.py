@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bafm.config import ExperimentConfig, run_dir, to_container
 from bafm.data.digits import load_digits_images
+from bafm.models.layers import drop_labels
 from bafm.models.loading import save_backbone
 from bafm.models.sit import build_sit
 from bafm.training.module import step_seed, warmup_factor
@@ -50,8 +51,7 @@ class FlowMatchingModule(L.LightningModule):
         b = x0.shape[0]
         t = torch.rand(b, generator=generator, device=self.device)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        drop = torch.rand(b, generator=generator, device=self.device) < self.label_dropout
-        y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        y = drop_labels(y, self.label_dropout, self.num_classes, generator)
         tb = t.view(-1, 1, 1, 1)
         x_t = (1.0 - tb) * x0 + tb * noise
         loss = F.mse_loss(self.model.velocity(x_t, t, y), noise - x0)

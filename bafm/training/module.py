@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any, Dict, Optional
 
 import lightning as L
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bafm.models.layers import count_parameters
+from bafm.models.layers import count_parameters, drop_labels
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
 
 BACKBONE_PREFIX = "backbone."
@@ -60,6 +59,9 @@ class SideNetModule(L.LightningModule):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.sidenet = sidenet
+        # An EMA of the SideNet alone. Lightning's EMAWeightAveraging callback would average the
+        # whole LightningModule, frozen backbone included (a second copy of the largest model),
+        # and put that copy into every checkpoint, which must never hold backbone weights.
         self.ema = AveragedModel(sidenet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.num_classes = num_classes
@@ -69,7 +71,8 @@ class SideNetModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.seed = seed
         self.save_hyperparameters(hparams or {})
-        self._batch_started: Optional[float] = None
+        # Read by ThroughputMonitor; FLOPs are not counted, it logs batches and images per second.
+        self.flops_per_batch: Optional[int] = None
 
     # The frozen backbone stays in eval mode whatever Lightning toggles.
     def train(self, mode: bool = True) -> "SideNetModule":
@@ -104,8 +107,7 @@ class SideNetModule(L.LightningModule):
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, y = batch["latent"], batch["cls"]
         generator = self._generator()
-        drop = torch.rand(y.shape[0], generator=generator, device=y.device) < self.label_dropout
-        y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        y = drop_labels(y, self.label_dropout, self.num_classes, generator)
         loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -116,16 +118,7 @@ class SideNetModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mse_identity", stats["mse_identity"], batch_size=batch_size)
         self.log("train/offset_abs", stats["offset_abs"], batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._batch_started is not None:
-            images = batch["latent"].shape[0] * self.trainer.world_size
-            self.log("train/images_per_sec", images / max(now - self._batch_started, 1e-9),
-                     prog_bar=True, batch_size=batch["latent"].shape[0])
-        self._batch_started = now
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.sidenet)
@@ -137,7 +130,8 @@ class SideNetModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_factor(step, self.warmup_steps)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # "name" is the tag LearningRateMonitor logs the rate under.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     # Checkpoints never carry the backbone: drop it on save, put the live one back on load.
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

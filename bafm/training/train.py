@@ -9,7 +9,14 @@ from typing import List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    ThroughputMonitor,
+    TQDMProgressBar,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bafm.config import ExperimentConfig, checkpoint_dir, run_dir, to_container
@@ -114,6 +121,10 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
                         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=-1,
                         save_last=True),
         OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+        LearningRateMonitor(logging_interval="step"),  # train/lr
+        # train/device/samples_per_sec (images/s), averaged over the steps between two logs.
+        ThroughputMonitor(batch_size_fn=lambda batch: batch["latent"].shape[0],
+                          window_size=max(2, cfg.trainer.log_every_n_steps)),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
