@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from bafm.data.manifest import MANIFEST, ShardError, read_manifest, update_manifest
+from bafm.data.manifest import MANIFEST, ShardError, latent_scaling_factor, read_manifest, update_manifest
 from bafm.data.npy_codec import decode_npy, encode_npy, parse_npy_header
 from bafm.data.shard_job import SplitJob, write_split
 from bafm.data.shard_reader import check_sample, iter_samples, iter_tar_members, open_shard
@@ -200,3 +200,14 @@ def test_manifest_merges_splits_and_rejects_mixed_settings(tmp_path: Path) -> No
     assert merged["moments_shape"] == [8, 4, 4]
     with pytest.raises(ValueError, match="scaling_factor"):
         update_manifest(tmp_path, dict(common, scaling_factor=1.0), "val", {"count": 1})
+
+
+def test_latent_scaling_factor_prefers_the_manifest(tmp_path):
+    from factories import synthetic_shards
+
+    assert latent_scaling_factor(tmp_path / "none", 0.18215) == 0.18215  # images encoded on the fly
+    folder = synthetic_shards(tmp_path / "syn", scaling_factor=0.5)
+    assert latent_scaling_factor(folder, 0.18215) == 0.5
+    (folder / MANIFEST).write_text(json.dumps({"format": "other", "scaling_factor": 0.5}))
+    with pytest.raises(ValueError, match=r"manifest\.json: format 'other', expected 'bafm-latents-1'"):
+        latent_scaling_factor(folder, 0.18215)

@@ -82,6 +82,20 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
     return manifest
 
 
+def latent_scaling_factor(folder: Path, default: float) -> float:
+    """The factor the latents of ``folder`` were scaled by: the manifest's, else ``default``.
+
+    Latents are decoded as ``latents / factor``; ``default`` (``data.vae_scaling_factor``)
+    covers folders of images encoded on the fly, which have no manifest.
+
+    Raises:
+        ValueError: a manifest that is unreadable or of another format.
+    """
+    if not (Path(folder) / MANIFEST).is_file():
+        return float(default)
+    return float(read_manifest(folder).get("scaling_factor", default))
+
+
 def update_manifest(folder: Path, common: Mapping[str, Any], split: str, entry: Mapping[str, Any]) -> Dict[str, Any]:
     """Add or replace one split's entry in ``manifest.json`` (locked, atomic).
 

@@ -7,13 +7,14 @@ load time, and ``build_decoder`` divides it out again before decoding.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
 import torch
 from torch import nn
+
+from bafm.data.manifest import latent_scaling_factor
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,7 @@ def build_decoder(cfg: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     if data.source == "digits":
         return lambda latents: ((latents.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
     codec = load_autoencoder(data.vae_path)
-    scale = float(data.vae_scaling_factor)
-    manifest = Path(data.root) / data.dataset / "manifest.json"
-    if manifest.is_file():
-        scale = float(json.loads(manifest.read_text()).get("scaling_factor", scale))
+    scale = latent_scaling_factor(Path(data.root) / data.dataset, data.vae_scaling_factor)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if next(codec.parameters()).device != latents.device:

@@ -22,7 +22,6 @@ Every input is checked before anything is sampled.
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 import time
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from bafm.config import ExperimentConfig, run_dir, sidenet_path, to_container
 from bafm.data.images import IMAGE_EXTENSIONS
+from bafm.data.manifest import latent_scaling_factor
 from bafm.editing.inversion import edit_latents, is_adaptive, steps_for_budget
 from bafm.eval import report
 from bafm.solvers import SOLVERS
@@ -202,10 +202,7 @@ def _read_pixels(path: Path, size: int, channels: int, crop: bool) -> Tensor:
 
 def _vae_scale(cfg: ExperimentConfig) -> float:
     """The latent scaling factor, as ``bafm.data.vae.build_decoder`` reads it (manifest first)."""
-    manifest = Path(cfg.data.root) / cfg.data.dataset / "manifest.json"
-    if manifest.is_file():
-        return float(json.loads(manifest.read_text()).get("scaling_factor", cfg.data.vae_scaling_factor))
-    return float(cfg.data.vae_scaling_factor)
+    return latent_scaling_factor(Path(cfg.data.root) / cfg.data.dataset, cfg.data.vae_scaling_factor)
 
 
 def load_inputs(cfg: ExperimentConfig, backbone: nn.Module, device: torch.device) -> EditInputs:
