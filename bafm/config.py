@@ -191,6 +191,7 @@ class BackboneTrainConfig:
     out: str = "checkpoints/digits/backbone.safetensors"
     snapshot_every: int = 0  # >0: also export the EMA weights every N steps to runs/<name>/backbone/snapshots
     classifier_steps: int = 1500
+    classifier_max_shift: int = 2  # augmentation: random translations of up to this many pixels
     classifier_out: str = "checkpoints/digits/classifier.safetensors"
 
 
@@ -332,6 +333,9 @@ def _validate_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"'sampling.guidance_interval' is {interval}, expected [lo, hi] with 0 <= lo < hi <= 1."
         )
+    shift = cfg.backbone_train.classifier_max_shift
+    if shift < 0:
+        raise ConfigError(f"'backbone_train.classifier_max_shift' is {shift}, expected a number of pixels >= 0.")
 
 
 def to_container(cfg: Any) -> Dict[str, Any]:

@@ -86,3 +86,15 @@ def test_shipped_classifier_is_accurate_and_small(repo_root):
     acc = accuracy(load_classifier(path), images, labels)
     assert acc > 0.97
     assert json.loads(sidecar_path(path).read_text())["val_accuracy"] == pytest.approx(acc, abs=1e-9)
+
+
+def test_augmentation_shift_comes_from_the_config():
+    cfg = load_config("experiments/digits.yaml", ["backbone_train.classifier_steps=5", "backbone_train.batch_size=32",
+                                                  "backbone_train.classifier_max_shift=1"])
+    from_config, metrics = train_classifier(cfg, save=False, log_every=0)
+    explicit, _ = train_classifier(cfg, max_shift=1, save=False, log_every=0)
+    unshifted, _ = train_classifier(cfg, max_shift=0, save=False, log_every=0)
+    assert metrics["max_shift"] == 1
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(from_config(x), explicit(x), rtol=0, atol=0)
+    assert not torch.allclose(from_config(x), unshifted(x))

@@ -77,3 +77,9 @@ def test_config_is_read_only():
     cfg = load_config(None)
     with pytest.raises(ReadonlyConfigError, match=r"read-only config(.|\n)*full_key: trainer\.max_steps"):
         cfg.trainer.max_steps = 3
+
+
+def test_negative_classifier_shift_is_rejected():
+    expected = r"'backbone_train.classifier_max_shift' is -1, expected a number of pixels >= 0"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["backbone_train.classifier_max_shift=-1"])
