@@ -10,10 +10,13 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+if TYPE_CHECKING:
+    from bafm.sampling import SamplingSettings
 
 
 class ConfigError(ValueError):
@@ -366,3 +369,13 @@ def grid_file_path(cfg: ExperimentConfig) -> Path:
         return Path(cfg.sampling.grid_file)
     side = sidenet_path(cfg)
     return side.with_name(f"{side.stem}.grids.json")
+
+
+def sampling_settings(cfg: ExperimentConfig, cfg_scale: Optional[float] = None) -> "SamplingSettings":
+    """``cfg.sampling`` as the sampling path's settings; ``cfg_scale`` overrides the guidance scale."""
+    from bafm.sampling import SamplingSettings  # noqa: F811 (deferred: the config loads without torch)
+
+    sc = cfg.sampling
+    return SamplingSettings(grid=str(sc.grid), shift=float(sc.shift),
+                            cfg_scale=float(sc.cfg_scale if cfg_scale is None else cfg_scale),
+                            guidance_interval=tuple(float(v) for v in sc.guidance_interval))  # fmt: skip

@@ -10,7 +10,8 @@ from PIL import Image
 
 from bafm.cli import main
 from bafm.config import load_config
-from bafm.editing.edit import COLUMNS, latent_rmse, load_inputs, psnr
+from bafm.editing.inputs import load_inputs
+from bafm.editing.report import COLUMNS, latent_rmse, psnr
 from bafm.models.classifier import DigitsClassifier, save_classifier
 from bafm.models.loading import load_backbone, save_backbone
 from bafm.models.sit import build_sit

@@ -1,7 +1,7 @@
 """The evaluation engine on an analytic Gaussian-mixture backbone with a tiny feature extractor."""
 
+import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,11 +11,11 @@ from bafm.eval.engine import COLUMNS, ReferenceCache, SweepInputError, evaluate_
 from bafm.eval.features import FeatureBatch, FeatureExtractor
 from bafm.eval.metrics import ReferenceStats, feature_statistics, frechet_distance, precision_recall
 from bafm.eval.report import log_tensorboard, markdown_table, read_csv, rows_to_csv, write_reports
-from bafm.eval.sampler import generate, sample_labels, sample_noise
 from bafm.models.analytic import GaussianMixtureFlow
+from bafm.sampling import SamplingSettings, generate, sample_labels, sample_noise
 
 SHAPE = (1, 4, 4)
-SAMPLING = SimpleNamespace(cfg_scale=1.0, guidance_interval=[0.0, 0.7], grid="uniform", shift=1.0)
+SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
 
 
 class TinyFeatures(FeatureExtractor):
@@ -84,7 +84,7 @@ def ref_stats(flow):
 
 
 def _sweep(backbone, sidenet, ref_stats, **kw):
-    args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, seed=3, sampling_cfg=SAMPLING,
+    args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, seed=3, sampling=SAMPLING,
                 decoder=decode, feature_extractor=TinyFeatures(), reference_stats=ref_stats, batch_size=8,
                 device="cpu", progress=False, reference_rtol=1e-6, reference_atol=1e-6, grid_images=4)
     args.update(kw)
@@ -101,8 +101,8 @@ def test_noise_and_labels_are_per_sample():
 
 
 def test_samples_independent_of_batch_size(flow):
-    whole = generate(flow, None, "heun", 3, torch.arange(8), seed=5, sampling_cfg=SAMPLING)
-    parts = [generate(flow, None, "heun", 3, idx, seed=5, sampling_cfg=SAMPLING).x for idx in torch.arange(8).split(3)]
+    whole = generate(flow, None, "heun", 3, torch.arange(8), seed=5, sampling=SAMPLING)
+    parts = [generate(flow, None, "heun", 3, idx, seed=5, sampling=SAMPLING).x for idx in torch.arange(8).split(3)]
     torch.testing.assert_close(torch.cat(parts), whole.x, rtol=0, atol=0)
     assert whole.nfe == 6
 
@@ -278,7 +278,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
               reference_cache=cache, batch_size=5)
     rows, _ = _sweep(flow, None, ref, **kw)
     for row in rows[1:]:  # the same samples, scored by the pure metric functions
-        x = generate(flow, None, "euler", row["steps"], torch.arange(12), seed=3, sampling_cfg=SAMPLING).x
+        x = generate(flow, None, "euler", row["steps"], torch.arange(12), seed=3, sampling=SAMPLING).x
         gen = TinySpatialFeatures().extract(decode(x))
         assert row["fid"] == pytest.approx(frechet_distance(feature_statistics(gen.features), ref.pool), rel=1e-6)
         assert row["sfid"] == pytest.approx(frechet_distance(feature_statistics(gen.spatial), ref.spatial), rel=1e-6)
@@ -313,18 +313,18 @@ def test_shift_and_optimized_grids_are_used_and_recorded(flow, ref_stats, tmp_pa
 
     kw = dict(solvers=["euler", "ba"], budgets={"euler": [4], "ba": [3]}, include_reference=False)
     side = OracleSideNet(flow)
-    shift_cfg = SimpleNamespace(**dict(vars(SAMPLING), grid="shift", shift=3.0))
-    shifted, _ = _sweep(flow, side, ref_stats, sampling_cfg=shift_cfg, **kw)
+    shift_cfg = dataclasses.replace(SAMPLING, grid="shift", shift=3.0)
+    shifted, _ = _sweep(flow, side, ref_stats, sampling=shift_cfg, **kw)
     # The same grids, stored as "optimized" ones, give the same samples.
     path = save_grid_table(tmp_path / "side.grids.json", {("euler", 4): shifted_grid(4, 3.0, dtype=torch.float64).tolist(),
                                                           ("ba", 3): shifted_grid(3, 3.0, dtype=torch.float64).tolist()},
                            {"objective": "test"})
-    opt_cfg = SimpleNamespace(**dict(vars(SAMPLING), grid="optimized"))
-    optimized, _ = _sweep(flow, side, ref_stats, sampling_cfg=opt_cfg, grid_table=load_grid_table(path), **kw)
+    opt_cfg = dataclasses.replace(SAMPLING, grid="optimized")
+    optimized, _ = _sweep(flow, side, ref_stats, sampling=opt_cfg, grid_table=load_grid_table(path), **kw)
     uniform, _ = _sweep(flow, side, ref_stats, **kw)
     assert [r["grid"] for r in shifted] == ["shift", "shift"] and [r["grid"] for r in optimized] == ["optimized"] * 2
     for a, b, u in zip(shifted, optimized, uniform):
         assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["fid"] != pytest.approx(u["fid"], rel=1e-6)
     with pytest.raises(SweepInputError, match=r"side.grids.json' has no grid for solver 'euler' at 8 NFE"):
-        _sweep(ExplodingBackbone(), None, ref_stats, sampling_cfg=opt_cfg, grid_table=load_grid_table(path),
+        _sweep(ExplodingBackbone(), None, ref_stats, sampling=opt_cfg, grid_table=load_grid_table(path),
                solvers=["euler"], budgets={"euler": [8]})

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from bafm.editing.inversion import edit_latents, generate, invert, solve_grid, steps_for_budget
+from bafm.editing.inversion import edit_latents
 from bafm.models.analytic import GaussianMixtureFlow
 from bafm.models.guidance import build_sampling_fns
+from bafm.sampling import integrate, invert, solve_grid, steps_for_budget
 from bafm.solvers import SOLVERS, get_solver
 from bafm.solvers.grids import nfe_for_steps, uniform_grid
 
@@ -82,7 +83,7 @@ def test_round_trip_error_falls_at_the_solver_order(problem, name, order, tol):
     inv_err, trip_err = [], []
     for nfe in (16 * order, 32 * order):
         z = invert(vf, x0, name, nfe, sf)
-        back = generate(vf, z.x, name, nfe, sf)
+        back = integrate(vf, z.x, name, nfe, sf)
         assert z.nfe == back.nfe == nfe
         inv_err.append(_err(z.x, noise))
         trip_err.append(_err(back.x, x0))
@@ -101,12 +102,12 @@ def test_ba_with_the_oracle_sidenet_is_far_more_accurate(problem):
         return vf(x, t)
 
     z = invert(counted, x0, "ba", 8, sf)
-    back = generate(counted, z.x, "ba", 8, sf)
+    back = integrate(counted, z.x, "ba", 8, sf)
     assert (z.nfe, back.nfe, len(calls)) == (8, 8, 16)  # one NFE per anchor, each way
     assert z.side_calls == back.side_calls == 2 * 8 - 1
     torch.testing.assert_close(z.x, noise, rtol=0, atol=1e-7)
     torch.testing.assert_close(back.x, x0, rtol=0, atol=1e-8)
-    heun = generate(vf, invert(vf, x0, "heun", 8).x, "heun", 8)
+    heun = integrate(vf, invert(vf, x0, "heun", 8).x, "heun", 8)
     assert _err(back.x, x0) < 1e-5 * _err(heun.x, x0)
 
 
@@ -138,14 +139,14 @@ def test_inversion_with_guidance(problem):
         z = invert(vc, x0, "heun", nfe)
         assert z.nfe == nfe and batches == [12] * nfe  # (x, x) with labels (y, null): one call
         errors.append(_err(z.x, exact))
-        trips.append(_err(generate(vc, z.x, "heun", nfe).x, x0))
+        trips.append(_err(integrate(vc, z.x, "heun", nfe).x, x0))
     assert math.log2(errors[0] / errors[1]) > 1.5, errors
     assert math.log2(trips[0] / trips[1]) > 1.8 and trips[1] < 2e-3, trips
     # The bi-anchor solver under guidance: still one NFE per anchor, and the round trip closes.
     trips = []
     for nfe in (5, 20):
         z = invert(vf, x0, "ba", nfe, sf)
-        back = generate(vf, z.x, "ba", nfe, sf)
+        back = integrate(vf, z.x, "ba", nfe, sf)
         assert z.nfe == back.nfe == nfe
         trips.append(_err(back.x, x0))
     assert trips[1] < trips[0] / 4 and trips[1] < 0.01, trips

@@ -1,7 +1,7 @@
 """The NFE-sweep evaluation engine, shared by ``bafm eval-nfe-sweep`` and the training callback.
 
 For each solver and NFE budget, every sample ``i < num_samples`` is generated from the same
-noise and label (see ``bafm.eval.sampler``), decoded to ``[0, 1]`` images and summarised by:
+noise and label (see ``bafm.sampling``), decoded to ``[0, 1]`` images and summarised by:
 
 - ``fid``: Fréchet distance of the extractor's features to the reference statistics;
 - ``sfid``: the same for its spatial features (Inception only; blank for other extractors);
@@ -32,7 +32,7 @@ from bafm.eval.distributed import broadcast_object, world_info
 from bafm.eval.features import FeatureExtractor
 from bafm.eval.metrics import FeatureStats, ReferenceStats
 from bafm.eval.points import COLUMNS, ReferenceCache, Row, SweepContext, SweepPoint, reduce_point, run_point
-from bafm.eval.sampler import REFERENCE, latent_shape, uses_side_fn
+from bafm.sampling import REFERENCE, SamplingSettings, latent_shape, uses_side_fn
 from bafm.solvers import SOLVERS
 from bafm.solvers.grid_store import GridTable
 from bafm.solvers.grids import steps_for_nfe
@@ -141,7 +141,7 @@ def evaluate_sweep(
     budgets: Mapping[str, Sequence[int]] | Sequence[int],
     num_samples: int,
     seed: int,
-    sampling_cfg: Any,
+    sampling: SamplingSettings,
     decoder: Callable[[Tensor], Tensor],
     feature_extractor: FeatureExtractor,
     reference_stats: Optional[FeatureStats | ReferenceStats],
@@ -170,7 +170,7 @@ def evaluate_sweep(
         budgets: NFE budgets per solver, or one list for all solvers.
         num_samples: samples per sweep point (global, over all ranks).
         seed: base seed; sample ``i`` starts from noise seeded with ``seed + i``.
-        sampling_cfg: ``cfg.sampling`` (``cfg_scale``, ``guidance_interval``, ``grid``, ``shift``).
+        sampling: time grid and guidance.
         decoder: latents ``(B, C, H, W)`` -> images ``(B, C', H', W')`` in ``[0, 1]``.
         feature_extractor: images -> ``(features, logits or None)``.
         reference_stats: real-data statistics for FID, or a ``ReferenceStats`` that adds spatial
@@ -190,7 +190,7 @@ def evaluate_sweep(
         shape: latent shape ``(C, H, W)``; read from the backbone when None.
         is_splits: splits of the inception score.
         sidenet_hint: the SideNet path expected, for the missing-SideNet error.
-        grid_table: the optimized grids, required when ``sampling_cfg.grid`` is ``"optimized"``.
+        grid_table: the optimized grids, required when ``sampling.grid`` is ``"optimized"``.
 
     Returns:
         ``(rows, grids)``. ``rows`` (every rank): dicts with the keys of ``COLUMNS``, the reference
@@ -201,7 +201,7 @@ def evaluate_sweep(
         SweepInputError: bad solvers, budgets or missing SideNet, raised before any sampling.
     """
     points = plan_sweep(solvers, budgets, sidenet_available=sidenet is not None, sidenet_hint=sidenet_hint)
-    if str(sampling_cfg.grid) == "optimized":
+    if sampling.grid == "optimized":
         check_optimized_grids(points, grid_table)
     include_reference = include_reference or REFERENCE in solvers
     rank, world = world_info()
@@ -217,8 +217,7 @@ def evaluate_sweep(
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
     key = (id(backbone), int(seed), tuple(shape), float(reference_rtol), float(reference_atol),
-           int(reference_batch_size), float(sampling_cfg.cfg_scale),
-           tuple(float(v) for v in sampling_cfg.guidance_interval), feature_extractor.name)
+           int(reference_batch_size), float(sampling.cfg_scale), sampling.guidance_interval, feature_extractor.name)
     if cache.key != key:
         cache.reset(key)
 
@@ -229,7 +228,7 @@ def evaluate_sweep(
 
         bar = tqdm(total=len(todo) * num_samples, unit="img", dynamic_ncols=True, desc="nfe sweep")
     ctx = SweepContext(
-        backbone=backbone, sidenet=sidenet, seed=int(seed), shape=shape, sampling_cfg=sampling_cfg,
+        backbone=backbone, sidenet=sidenet, seed=int(seed), shape=shape, sampling=sampling,
         decoder=decoder, extractor=feature_extractor, reference_stats=reference_stats, device=device,
         cache=cache, use_reference=include_reference, rtol=float(reference_rtol), atol=float(reference_atol),
         grid_images=int(grid_images), keep_uint8=sample_sink is not None, is_splits=int(is_splits),
@@ -296,7 +295,7 @@ class SweepEngine:
     def __init__(
         self,
         *,
-        sampling_cfg: Any,
+        sampling: SamplingSettings,
         decoder: Callable[[Tensor], Tensor],
         feature_extractor: FeatureExtractor,
         reference_stats: Optional[FeatureStats | ReferenceStats],
@@ -312,7 +311,7 @@ class SweepEngine:
         grid_table: Optional[GridTable] = None,
     ) -> None:
         """Bind the fixed inputs (see ``evaluate_sweep`` for each)."""
-        self.sampling_cfg = sampling_cfg
+        self.sampling = sampling
         self.decoder = decoder
         self.feature_extractor = feature_extractor
         self.reference_stats = reference_stats
@@ -339,7 +338,7 @@ class SweepEngine:
         Raises:
             SweepInputError: a file it needs is missing (names it and how to make it).
         """
-        from bafm.config import grid_file_path, sidenet_path
+        from bafm.config import grid_file_path, sampling_settings, sidenet_path
         from bafm.eval.inputs import build_eval_inputs
         from bafm.solvers.grid_store import load_grid_table
 
@@ -352,7 +351,7 @@ class SweepEngine:
         decoder, extractor, stats = build_eval_inputs(cfg, device)
         ec = cfg.eval
         return cls(
-            sampling_cfg=cfg.sampling, decoder=decoder, feature_extractor=extractor, reference_stats=stats,
+            sampling=sampling_settings(cfg), decoder=decoder, feature_extractor=extractor, reference_stats=stats,
             seed=ec.seed, batch_size=ec.batch_size, reference_rtol=ec.reference_rtol,
             reference_atol=ec.reference_atol, reference_batch_size=ec.reference_batch_size,
             include_reference=ec.include_reference,
@@ -391,7 +390,7 @@ class SweepEngine:
         """
         rows, grids = evaluate_sweep(
             backbone, sidenet, solvers=solvers, budgets=budgets, num_samples=num_samples, seed=self.seed,
-            sampling_cfg=self.sampling_cfg, decoder=self.decoder, feature_extractor=self.feature_extractor,
+            sampling=self.sampling, decoder=self.decoder, feature_extractor=self.feature_extractor,
             reference_stats=self.reference_stats, batch_size=batch_size or self.batch_size, device=device,
             reference_cache=self.reference_cache, progress=progress, include_reference=self.include_reference,
             reference_rtol=self.reference_rtol, reference_atol=self.reference_atol,

@@ -19,7 +19,7 @@ from bafm.eval.engine import SweepInputError, SweepPoint, plan_sweep
 from bafm.eval.features import FeatureExtractor, build_feature_extractor, check_feature_extractor_files
 from bafm.eval.metrics import FeatureStats
 from bafm.eval.reference_stats import check_reference_source, resolve_reference_stats
-from bafm.eval.sampler import uses_side_fn
+from bafm.sampling import uses_side_fn
 from bafm.solvers import SOLVERS
 
 

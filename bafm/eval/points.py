@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
-from bafm.eval.sampler import REFERENCE, sample_labels, sample_noise, solve_batch
+from bafm.sampling import REFERENCE, SamplingSettings, sample_labels, sample_noise, solve_batch
 from bafm.solvers import SOLVERS
 from bafm.solvers.grid_store import GridTable
 
@@ -83,7 +83,7 @@ class SweepContext:
     sidenet: Optional[nn.Module]
     seed: int
     shape: Tuple[int, ...]
-    sampling_cfg: Any
+    sampling: SamplingSettings
     decoder: Callable[[Tensor], Tensor]
     extractor: FeatureExtractor
     reference_stats: Optional[FeatureStats | ReferenceStats]
@@ -102,7 +102,7 @@ class SweepContext:
 
     def grid_name(self, solver: str) -> str:
         """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers, ``adaptive`` otherwise."""
-        return "adaptive" if SOLVERS[solver].nfe_per_step is None else str(self.sampling_cfg.grid)
+        return "adaptive" if SOLVERS[solver].nfe_per_step is None else self.sampling.grid
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
@@ -156,7 +156,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             sync(device)
             start = time.perf_counter()
             res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                              ctx.sampling_cfg, t_grid=t_grid, **opts)
+                              ctx.sampling, t_grid=t_grid, **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x

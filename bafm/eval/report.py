@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bafm.eval.engine import COLUMNS, Grids, Row
 from bafm.io import atomic_write_bytes, atomic_write_text
-from bafm.eval.sampler import REFERENCE
+from bafm.sampling import REFERENCE
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -21,9 +21,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from bafm.config import ExperimentConfig, checkpoint_dir, run_dir, to_container
 from bafm.io import atomic_write_text
-from bafm.eval.sampler import latent_shape
 from bafm.models.loading import load_backbone, save_sidenet
 from bafm.models.sidenet import SideNet
+from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig
 from bafm.training.callbacks import NFESweepCallback
 from bafm.training.module import SideNetModule

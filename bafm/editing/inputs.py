@@ -1,0 +1,237 @@
+"""``bafm edit``'s inputs: the points to run, every check that needs no model, and the images.
+
+Inputs are digits from the val split (``edit.indices``, embedded default) or the images of a
+folder (``edit.image_dir``, encoded with the experiment's VAE). Every input is checked before
+anything is sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bafm.config import ExperimentConfig, sidenet_path
+from bafm.data.images import IMAGE_EXTENSIONS
+from bafm.data.manifest import latent_scaling_factor
+from bafm.sampling import is_adaptive, latent_shape, steps_for_budget
+from bafm.solvers import SOLVERS
+
+Point = Tuple[str, Optional[int]]  # (solver, NFE budget); None for the adaptive reference solver
+
+
+class EditInputError(ValueError):
+    """Bad ``bafm edit`` input (class, solver, budget, file, image size), found before sampling."""
+
+
+@dataclass
+class EditInputs:
+    """What gets edited.
+
+    Attributes:
+        latents: scaled latents ``(N, C, H, W)`` at ``t = 0``.
+        images: the input pictures ``(N, 1 or 3, H', W')`` in ``[0, 1]`` (the grid's first row).
+        source: int64 source classes ``(N,)``.
+        names: one name per input (file or dataset index).
+    """
+
+    latents: Tensor
+    images: Tensor
+    source: Tensor
+    names: List[str]
+
+
+def plan_points(cfg: ExperimentConfig) -> List[Point]:
+    """``(solver, nfe)`` pairs from ``edit.solvers`` / ``edit.budgets`` (nfe None for ``reference``).
+
+    Raises:
+        EditInputError: unknown or repeated solver, missing or infeasible budget.
+    """
+    ec = cfg.edit
+    solvers = list(ec.solvers)
+    if not solvers:
+        raise EditInputError("edit.solvers is empty; name at least one solver, e.g. edit.solvers=[ba,euler].")
+    points: List[Point] = []
+    for name in solvers:
+        if name not in SOLVERS:
+            raise EditInputError(f"unknown solver '{name}' in edit.solvers; valid solvers: {', '.join(SOLVERS)}.")
+        if solvers.count(name) > 1:
+            raise EditInputError(f"edit.solvers lists '{name}' {solvers.count(name)} times.")
+        if is_adaptive(name):
+            points.append((name, None))  # its NFE is counted, no budget applies
+            continue
+        if name not in ec.budgets or not list(ec.budgets[name]):
+            raise EditInputError(f"no NFE budgets for solver '{name}': set edit.budgets.{name}=[...].")
+        for nfe in ec.budgets[name]:
+            if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+                raise EditInputError(f"edit.budgets.{name}: budget {nfe!r} is not a positive integer.")
+            try:
+                steps_for_budget(name, int(nfe))
+            except ValueError as err:
+                raise EditInputError(f"edit.budgets.{name}: {err}.") from None
+            points.append((name, int(nfe)))
+    return points
+
+
+def check_inputs(cfg: ExperimentConfig, points: Sequence[Point]) -> None:
+    """The checks that need no model: classes, options, files, indices.
+
+    Raises:
+        EditInputError: naming the key, the value and what was expected.
+    """
+    ec, digits = cfg.edit, cfg.data.source == "digits"
+    if ec.target_class < 0:
+        raise EditInputError(f"edit.target_class is {ec.target_class}, expected a class id >= 0.")
+    if ec.source_class is not None and ec.source_class < 0:
+        raise EditInputError(f"edit.source_class is {ec.source_class}, expected a class id >= 0 or null.")
+    if ec.batch_size < 1 or ec.grid_images < 0:
+        raise EditInputError(
+            f"edit.batch_size ({ec.batch_size}) must be >= 1 and edit.grid_images ({ec.grid_images}) >= 0."
+        )
+    if ec.device not in ("auto", "cpu") and not str(ec.device).startswith("cuda"):
+        raise EditInputError(f"edit.device is '{ec.device}', expected auto, cpu, cuda or cuda:<i>.")
+    if str(ec.device).startswith("cuda") and not torch.cuda.is_available():
+        raise EditInputError(f"edit.device is '{ec.device}' but CUDA is not available.")
+    if not Path(cfg.backbone.path).is_file():
+        hint = "make it with `make backbone`" if digits else "download the pretrained checkpoint and set backbone.path"
+        raise EditInputError(f"backbone checkpoint '{cfg.backbone.path}' not found; {hint}.")
+    side = sidenet_path(cfg)
+    for name, _ in points:
+        if SOLVERS[name].uses_side_fn and not side.is_file():
+            raise EditInputError(
+                f"solver '{name}' needs a trained SideNet, none found at '{side}' (sidenet.path, else "
+                f"<checkpoints_dir>/<name>/sidenet.safetensors). `make train` creates it there; or point "
+                f"sidenet.path at one, or drop '{name}' from edit.solvers."
+            )
+    if ec.image_dir:
+        if not Path(ec.image_dir).is_dir():
+            raise EditInputError(f"edit.image_dir: folder '{ec.image_dir}' not found.")
+        if not _image_files(Path(ec.image_dir)):
+            raise EditInputError(f"edit.image_dir: '{ec.image_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        if ec.source_class is None:
+            raise EditInputError("edit.source_class must be set for edit.image_dir images (a folder has no labels).")
+    elif not digits:
+        raise EditInputError(
+            f"edit.image_dir is empty: data.source='{cfg.data.source}' has no built-in images; set edit.image_dir."
+        )
+    else:
+        from bafm.data.digits import digits_split_indices
+
+        n_val = len(digits_split_indices(int(cfg.seed), float(cfg.data.val_fraction))["val"])
+        indices = list(ec.indices)
+        bad = [i for i in indices if not 0 <= i < n_val]
+        if not indices or bad:
+            raise EditInputError(
+                f"edit.indices is {indices}: expected a non-empty list of indices into the digits val split "
+                f"(0..{n_val - 1}){f'; out of range: {bad}' if bad else ''}."
+            )
+    if cfg.eval.feature_extractor == "classifier":
+        from bafm.models.classifier import sidecar_path
+
+        for p in (Path(cfg.eval.classifier_path), sidecar_path(cfg.eval.classifier_path)):
+            if not p.is_file():
+                raise EditInputError(
+                    f"eval.classifier_path: '{p}' not found; train the classifier with `make backbone`."
+                )
+    if not digits and not Path(cfg.data.vae_path).exists():
+        raise EditInputError(f"data.vae_path: '{cfg.data.vae_path}' not found; images are encoded and decoded with it.")
+
+
+def _image_files(folder: Path) -> List[Path]:
+    """Images under ``folder`` (recursively), sorted by relative path."""
+    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _read_pixels(path: Path, size: int, channels: int, crop: bool) -> Tensor:
+    """An image as ``(channels, size, size)`` in ``[-1, 1]``; its size must match unless ``crop``."""
+    from PIL import Image
+
+    from bafm.data.images import center_crop_arr
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except Exception as err:  # PIL raises many types for damaged files
+        raise EditInputError(f"edit.image_dir: cannot read image '{path}': {err}") from None
+    if crop:
+        arr = center_crop_arr(img, size)
+    elif img.size != (size, size):
+        raise EditInputError(
+            f"edit.image_dir: '{path}' is {img.size[0]}x{img.size[1]} pixels, but the backbone expects "
+            f"{size}x{size} images; resize them or set edit.center_crop=true (ADM center crop)."
+        )
+    else:
+        arr = np.asarray(img)
+    pixels = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(size, size, channels).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def _vae_scale(cfg: ExperimentConfig) -> float:
+    """The latent scaling factor, as ``bafm.data.vae.build_decoder`` reads it (manifest first)."""
+    return latent_scaling_factor(Path(cfg.data.root) / cfg.data.dataset, cfg.data.vae_scaling_factor)
+
+
+def load_inputs(cfg: ExperimentConfig, backbone: nn.Module, device: torch.device) -> EditInputs:
+    """Read and encode the inputs; check their classes and size against the backbone.
+
+    Raises:
+        EditInputError: class id out of range, image size or channels not the backbone's.
+    """
+    ec, shape = cfg.edit, latent_shape(backbone)
+    if cfg.data.source == "digits" and ec.image_dir and shape[0] not in (1, 3):
+        raise EditInputError(f"edit.image_dir: the backbone takes {shape[0]}-channel latents; "
+                             "grey (1) or RGB (3) pixel latents are expected for data.source=digits.")
+    num_classes = int(backbone.num_classes)
+    for key, value in (("target_class", ec.target_class), ("source_class", ec.source_class)):
+        if value is not None and value >= num_classes:
+            raise EditInputError(
+                f"edit.{key} is {value}, but the backbone has {num_classes} classes (ids 0..{num_classes - 1})."
+            )
+    if ec.image_dir:
+        files = _image_files(Path(ec.image_dir))
+        if cfg.data.source == "digits":  # identity "VAE": the pixels are the latents
+            pixels = torch.stack([_read_pixels(p, shape[-1], shape[0], ec.center_crop) for p in files])
+            latents = pixels
+        else:
+            latents, pixels = _encode_folder(cfg, files, shape, device)
+        source = torch.full((len(files),), int(ec.source_class), dtype=torch.int64)
+        names = [p.relative_to(ec.image_dir).as_posix() for p in files]
+        return EditInputs(latents.to(device), ((pixels + 1.0) / 2.0).clamp(0, 1).to(device), source.to(device), names)
+    from bafm.data.digits import load_digits_images
+
+    images, labels = load_digits_images("val", cfg)
+    idx = torch.as_tensor(list(ec.indices), dtype=torch.int64)
+    latents, source = images[idx], labels[idx]
+    if tuple(latents.shape[1:]) != shape:
+        raise EditInputError(
+            f"edit.indices: digits images are {tuple(latents.shape[1:])} (data.digits_size={cfg.data.digits_size}), "
+            f"but the backbone expects {shape} latents."
+        )
+    if ec.source_class is not None:
+        source = torch.full_like(source, int(ec.source_class))
+    names = [f"val[{i}]" for i in idx.tolist()]
+    return EditInputs(latents.to(device), ((latents + 1.0) / 2.0).clamp(0, 1).to(device), source.to(device), names)
+
+
+def _encode_folder(cfg: ExperimentConfig, files: Sequence[Path], shape: Tuple[int, ...],
+                   device: torch.device) -> Tuple[Tensor, Tensor]:
+    """VAE posterior means (scaled) and the ``[-1, 1]`` pixels of RGB images."""
+    from bafm.data.vae import load_autoencoder
+
+    try:
+        codec = load_autoencoder(cfg.data.vae_path).to(device)
+    except (FileNotFoundError, ValueError) as err:
+        raise EditInputError(f"data.vae_path: {err}") from None
+    if codec.latent_channels != shape[0]:
+        raise EditInputError(f"the VAE at '{cfg.data.vae_path}' has {codec.latent_channels} latent channels, "
+                             f"the backbone expects {shape[0]}.")
+    size = shape[-1] * codec.downsample
+    pixels = torch.stack([_read_pixels(p, size, 3, cfg.edit.center_crop) for p in files])
+    scale, batch = _vae_scale(cfg), int(cfg.edit.batch_size)
+    means = [codec.encode_moments(pixels[i : i + batch].to(device))[0] * scale for i in range(0, len(files), batch)]
+    return torch.cat(means), pixels

@@ -1,0 +1,380 @@
+"""The one sampling path: seeds and labels -> noise -> time grid -> solver -> samples, either way.
+
+Sample ``i`` of a run with seed ``s`` always starts from the same noise
+(``torch.Generator().manual_seed(s + i)`` on the CPU, then moved) and has label
+``i % num_classes``, so a sample does not depend on the batch it lands in or on the number of
+processes (for fixed-grid solvers; the adaptive ``reference`` solver picks one step size per
+batch, so its samples agree across batchings to within its tolerances).
+
+Generation integrates ``dx/dt = v(x, t)`` from ``t = 1`` (noise) down to ``t = 0`` (data);
+inversion integrates the same ODE up, on the increasing version of the same grid. Every solver
+of ``bafm.solvers.SOLVERS`` accepts either orientation; on an increasing grid the bi-anchor
+solver's SideNet offsets ``c * h`` are negative, so it looks backward (toward noise) and still
+pays one NFE per anchor. Guidance and labels live in the closures of ``bafm.models.guidance``;
+only the solvers that use a SideNet get the side closure (with guidance it doubles every
+backbone batch). The NFE sweep, the training callback, training and editing all sample here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from bafm.models.guidance import BackboneVelocity, SideVelocity, build_sampling_fns
+from bafm.solvers import SOLVERS, SideFn, SolveResult, VelocityFn, get_solver
+from bafm.solvers.grids import make_grid, nfe_for_steps, steps_for_nfe
+
+REFERENCE = "reference"
+# A named grid kind ("uniform", "shift") or an explicit 1-D grid.
+GridSpec = Union[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a batch is sampled: the time grid and classifier-free guidance.
+
+    Attributes:
+        grid: grid kind, ``"uniform"`` or ``"shift"``.
+        shift: time shift of ``"shift"`` grids.
+        cfg_scale: guidance scale; 1.0 disables guidance.
+        guidance_interval: guidance only for ``lo < t <= hi``; None: at every ``t``.
+    """
+
+    grid: str = "uniform"
+    shift: float = 1.0
+    cfg_scale: float = 1.0
+    guidance_interval: Optional[Tuple[float, float]] = (0.0, 0.7)
+
+
+def latent_shape(backbone: nn.Module) -> Tuple[int, ...]:
+    """Shape ``(C, H, W)`` of one latent, read from the backbone's attributes.
+
+    Looks for ``latent_shape`` or ``data_shape``, then ``in_channels`` with ``input_size``
+    (attribute or ``config["input_size"]``) or ``grid_size * patch_size``.
+
+    Raises:
+        ValueError: none of these attributes exists.
+    """
+    for attr in ("latent_shape", "data_shape"):
+        shape = getattr(backbone, attr, None)
+        if shape is not None:
+            return tuple(int(s) for s in shape)
+    channels = getattr(backbone, "in_channels", None)
+    size = getattr(backbone, "input_size", None)
+    if size is None and isinstance(getattr(backbone, "config", None), dict):
+        size = backbone.config.get("input_size")
+    if size is None and hasattr(backbone, "grid_size") and hasattr(backbone, "patch_size"):
+        size = backbone.grid_size * backbone.patch_size
+    if channels is None or size is None:
+        raise ValueError(
+            f"cannot tell the latent shape of {type(backbone).__name__}: it has no 'latent_shape' nor "
+            "'in_channels' + 'input_size' attributes; pass latent_shape= explicitly."
+        )
+    return (int(channels), int(size), int(size))
+
+
+def sample_noise(
+    indices: Sequence[int] | Tensor,
+    shape: Sequence[int],
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Per-sample Gaussian noise, independent of batching.
+
+    Args:
+        indices: global sample indices ``(B,)``.
+        shape: one sample's shape, e.g. ``(C, H, W)``.
+        seed: base seed; sample ``i`` uses ``seed + i``.
+        device: destination device (the noise is drawn on the CPU).
+        dtype: destination dtype.
+
+    Returns:
+        ``(B, *shape)`` standard normal noise.
+    """
+    idx = torch.as_tensor(indices).tolist()
+    noise = torch.empty((len(idx), *shape), dtype=torch.float32)
+    for row, i in enumerate(idx):
+        gen = torch.Generator().manual_seed(int(seed) + int(i))
+        noise[row] = torch.randn(tuple(shape), generator=gen)
+    return noise.to(device=device, dtype=dtype)
+
+
+def sample_labels(indices: Sequence[int] | Tensor, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
+    """Cyclic labels ``i % num_classes`` (balanced classes for any prefix of the samples).
+
+    Args:
+        indices: global sample indices ``(B,)``.
+        num_classes: real classes of the backbone; 0 for an unconditional model, whose only
+            label is the null class 0.
+        device: destination device.
+
+    Returns:
+        int64 labels ``(B,)``.
+    """
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    if int(num_classes) < 1:
+        return torch.zeros_like(idx).to(device)
+    return (idx % int(num_classes)).to(device)
+
+
+def uses_side_fn(solver: str) -> bool:
+    """Whether a registered solver needs a SideNet (``ba``, ``ba-single``)."""
+    return bool(getattr(SOLVERS[solver], "uses_side_fn", False))
+
+
+def is_adaptive(solver: str) -> bool:
+    """Whether a registered solver picks its own steps (``reference``), so has no NFE budget."""
+    return get_solver(solver).nfe_per_step is None
+
+
+def steps_for_budget(solver: str, nfe: Optional[int]) -> int:
+    """Grid intervals that spend exactly ``nfe`` backbone calls in one direction.
+
+    Args:
+        solver: registry name.
+        nfe: NFE budget; must be None for an adaptive solver (its calls are counted, not set).
+
+    Returns:
+        The number of steps (1 for an adaptive solver, which only uses the endpoints).
+
+    Raises:
+        ValueError: unknown solver, budget given to an adaptive solver, missing or infeasible
+            budget (naming the nearest feasible ones).
+    """
+    if is_adaptive(solver):
+        if nfe is not None:
+            raise ValueError(f"solver '{solver}' is adaptive: it takes no NFE budget (got {nfe}); pass nfe=None")
+        return 1
+    if nfe is None:
+        raise ValueError(f"solver '{solver}' needs an NFE budget (nfe=...)")
+    return steps_for_nfe(solver, nfe)
+
+
+def time_grid(
+    solver: str,
+    steps: int,
+    grid: str = "uniform",
+    *,
+    shift: float = 1.0,
+    increasing: bool = False,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device | str] = None,
+) -> Tensor:
+    """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for the adaptive reference.
+
+    Args:
+        solver: solver name.
+        steps: grid intervals (ignored by the adaptive reference solver).
+        grid: grid kind, ``"uniform"`` or ``"shift"``.
+        shift: time shift of ``"shift"`` grids.
+        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
+        dtype: grid dtype; the solver rounds it to the state's dtype.
+        device: grid device.
+
+    Returns:
+        Strictly monotone 1-D grid between 1 and 0; inversion and generation with the same
+        arguments visit the same times, in opposite orders.
+    """
+    if solver == REFERENCE:
+        t_grid = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
+    else:
+        t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device)
+    return t_grid.flip(0) if increasing else t_grid
+
+
+def solve_grid(
+    solver: str,
+    nfe: Optional[int],
+    grid: GridSpec = "uniform",
+    *,
+    shift: float = 1.0,
+    increasing: bool,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device | str] = None,
+) -> Tensor:
+    """The time grid of one solve that spends an NFE budget.
+
+    Args:
+        solver: registry name.
+        nfe: NFE budget (None for an adaptive solver, or to take the steps from an explicit grid).
+        grid: ``"uniform"`` / ``"shift"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
+            explicit strictly monotone grid between 0 and 1 in either orientation.
+        shift: time shift of ``"shift"`` grids.
+        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
+        dtype: dtype of a named grid (an explicit one keeps its own).
+        device: device of the grid.
+
+    Returns:
+        1-D grid from 0 to 1 (``increasing``) or from 1 to 0.
+
+    Raises:
+        ValueError: unknown grid kind, a budget that the explicit grid does not spend, bad budget.
+    """
+    if isinstance(grid, str):
+        t_grid = make_grid(grid, steps_for_budget(solver, nfe), shift=shift, dtype=dtype, device=device)
+    else:
+        t_grid = torch.as_tensor(grid, device=device)
+        if t_grid.dim() != 1 or t_grid.numel() < 2:
+            raise ValueError(f"grid must be a 1-D tensor with at least 2 points, got shape {tuple(t_grid.shape)}")
+        if t_grid[0] < t_grid[-1]:
+            t_grid = t_grid.flip(0)  # store decreasing; flipped back below for inversions
+        if nfe is not None and not is_adaptive(solver):
+            spent = nfe_for_steps(solver, t_grid.numel() - 1)
+            if spent != nfe:
+                raise ValueError(
+                    f"solver '{solver}' spends {spent} NFE on the given {t_grid.numel() - 1}-step grid, not {nfe}"
+                )
+    if not (float(t_grid[0]) == 1.0 and float(t_grid[-1]) == 0.0):
+        ends = (float(t_grid[-1]), float(t_grid[0]))
+        raise ValueError(f"grid must run between t = 0 and t = 1, got endpoints {ends}")
+    return t_grid.flip(0) if increasing else t_grid
+
+
+def sampling_fns(
+    solver: str,
+    backbone_velocity: BackboneVelocity,
+    labels: Tensor,
+    *,
+    null_class: int,
+    side_velocity: Optional[SideVelocity] = None,
+    cfg_scale: float = 1.0,
+    interval: Optional[Tuple[float, float]] = (0.0, 0.7),
+) -> Tuple[VelocityFn, Optional[SideFn]]:
+    """The solver closures for one batch of labels; the side closure only for SideNet solvers.
+
+    Raises:
+        ValueError: a SideNet solver without ``side_velocity``, bad labels, interval or scale.
+    """
+    needs_side = uses_side_fn(solver)
+    if needs_side and side_velocity is None:
+        raise ValueError(f"solver '{solver}' needs a SideNet, got none.")
+    return build_sampling_fns(backbone_velocity, labels, null_class=null_class, cfg_scale=cfg_scale,
+                              interval=interval, side_velocity=side_velocity if needs_side else None)
+
+
+def solve(
+    velocity_fn: VelocityFn, x: Tensor, solver: str, t_grid: Tensor, side_fn: Optional[SideFn] = None,
+    **solver_options: Any,
+) -> SolveResult:
+    """Run a registered solver on ``t_grid``, handing ``side_fn`` only to the solvers that take one."""
+    fn = get_solver(solver)
+    if fn.uses_side_fn:
+        solver_options = {**solver_options, "side_fn": side_fn}
+    return fn(velocity_fn, x, t_grid.to(device=x.device), **solver_options)
+
+
+def integrate(
+    velocity_fn: VelocityFn,
+    x: Tensor,
+    solver: str,
+    nfe: Optional[int] = None,
+    side_fn: Optional[SideFn] = None,
+    grid: GridSpec = "uniform",
+    *,
+    shift: float = 1.0,
+    increasing: bool = False,
+    **solver_options: Any,
+) -> SolveResult:
+    """Integrate ``dx/dt = v(x, t)`` between noise and data on an NFE budget.
+
+    Args:
+        velocity_fn: ``velocity_fn(x, t) -> v`` (guidance and labels in the closure); ``x``
+            ``(B, ...)``, ``t`` ``(B,)``.
+        x: start state ``(B, ...)``: noise at ``t = 1``, or data at ``t = 0`` when ``increasing``.
+        solver: registry name.
+        nfe: backbone calls to spend (None for ``reference``, or with an explicit grid).
+        side_fn: ``side_fn(x, v, t, h)`` for the SideNet solvers; ignored by the others.
+        grid: grid kind or explicit grid (see ``solve_grid``).
+        shift: time shift of ``"shift"`` grids.
+        increasing: False generates (``t`` from 1 down to 0), True inverts (0 up to 1).
+        **solver_options: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
+
+    Returns:
+        The solver's ``SolveResult``; ``x`` is the state ``(B, ...)`` at the grid's end.
+    """
+    t_grid = solve_grid(solver, nfe, grid, shift=shift, increasing=increasing)
+    return solve(velocity_fn, x, solver, t_grid, side_fn, **solver_options)
+
+
+def invert(velocity_fn: VelocityFn, x0: Tensor, solver: str, nfe: Optional[int] = None,
+           side_fn: Optional[SideFn] = None, grid: GridSpec = "uniform", *, shift: float = 1.0,
+           **solver_options: Any) -> SolveResult:
+    """Map data ``x0`` at ``t = 0`` to its noise at ``t = 1``: ``integrate(..., increasing=True)``."""
+    return integrate(velocity_fn, x0, solver, nfe, side_fn, grid, shift=shift, increasing=True, **solver_options)
+
+
+@torch.no_grad()
+def solve_batch(
+    backbone: nn.Module,
+    sidenet: Optional[nn.Module],
+    solver: str,
+    steps: int,
+    noise: Tensor,
+    labels: Tensor,
+    sampling: SamplingSettings,
+    t_grid: Optional[Tensor] = None,
+    **solver_opts: Any,
+) -> SolveResult:
+    """Integrate one batch from noise (``t = 1``) to data (``t = 0``) in ``steps`` intervals.
+
+    Args:
+        backbone: module with ``velocity(x, t, y)`` and ``num_classes`` (null class id).
+        sidenet: module with ``velocity(x, v, t, h, y)``; required by ``ba`` and ``ba-single``.
+        solver: name in ``SOLVERS``.
+        steps: grid intervals.
+        noise: ``(B, C, H, W)`` starting state.
+        labels: ``(B,)`` int64 class labels.
+        sampling: grid and guidance.
+        t_grid: an explicit grid (e.g. an optimized one) instead of ``time_grid(...)``.
+        **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
+
+    Returns:
+        The solver's ``SolveResult`` (``x``: ``(B, C, H, W)`` latents at ``t = 0``).
+    """
+    velocity_fn, side_fn = sampling_fns(
+        solver, backbone.velocity, labels, null_class=int(backbone.num_classes),
+        side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=float(sampling.cfg_scale),
+        interval=sampling.guidance_interval,
+    )  # fmt: skip
+    if t_grid is None:
+        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device)
+    return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
+
+
+def generate(
+    backbone: nn.Module,
+    sidenet: Optional[nn.Module],
+    solver: str,
+    steps: int,
+    indices: Sequence[int] | Tensor,
+    seed: int,
+    sampling: SamplingSettings,
+    device: torch.device | str = "cpu",
+    shape: Optional[Sequence[int]] = None,
+    **solver_opts: Any,
+) -> SolveResult:
+    """Samples for given global indices: per-sample noise, cyclic labels, one solve.
+
+    Args:
+        backbone: see ``solve_batch``.
+        sidenet: see ``solve_batch``.
+        solver: name in ``SOLVERS``.
+        steps: grid intervals.
+        indices: global sample indices ``(B,)``.
+        seed: base seed.
+        sampling: grid and guidance.
+        device: where to sample.
+        shape: latent shape ``(C, H, W)``; read from the backbone when None.
+        **solver_opts: passed to the solver.
+
+    Returns:
+        The ``SolveResult``; ``x`` is ``(B, C, H, W)``.
+    """
+    shape = tuple(shape) if shape is not None else latent_shape(backbone)
+    noise = sample_noise(indices, shape, seed, device=device)
+    labels = sample_labels(indices, int(backbone.num_classes), device=device)
+    return solve_batch(backbone, sidenet, solver, steps, noise, labels, sampling, **solver_opts)
