@@ -260,6 +260,14 @@ def test_adm_reference_batch_with_inception(tiny, tmp_path, inception_weights):
     assert ref.features.shape == (6, 2048) and ref.spatial.dim == 2023
     np.testing.assert_allclose(ref.spatial.mu, feature_statistics(batch.spatial).mu, rtol=1e-5, atol=1e-6)
 
+    # Statistics without images or features: FID and sFID only, and a warning that says so.
+    np.savez(adm, mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
+    cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",
+                      f"eval.inception_weights={inception_weights}")
+    with pytest.warns(UserWarning, match="neither 'prc_features' nor 'arr_0'.*left blank"):
+        ref = rs.resolve_reference_stats(cfg, extractor)
+    assert ref.features is None and ref.spatial.dim == 2023
+
     # Spatial statistics of the wrong size do not pass silently.
     np.savez(adm, arr_0=images, mu=pool.mu, sigma=pool.sigma, mu_s=np.zeros(5), sigma_s=np.eye(5))
     cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",

@@ -22,6 +22,7 @@ Sources, by ``eval.reference_stats``:
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -320,8 +321,12 @@ def resolve_reference_stats(
             raise ValueError(f"{ref}: statistics were computed with '{info['extractor']}', "
                              f"the sweep uses '{extractor.name}'.")
         features = given.features if prc_size > 0 else None
-        if prc_size > 0 and features is None and npz_has_images(ref):
-            features = _cached_or_computed(cfg, extractor, device, batch_size, prc_size).features
+        if prc_size > 0 and features is None:
+            if npz_has_images(ref):
+                features = _cached_or_computed(cfg, extractor, device, batch_size, prc_size).features
+            else:
+                warnings.warn(f"eval.reference_stats '{ref}' has neither 'prc_features' nor 'arr_0' images: "
+                              "precision and recall are left blank.", stacklevel=2)
         reference = ReferenceStats(pool=given.pool, spatial=given.spatial if extractor.spatial_dim else None,
                                    features=features)
     else:
