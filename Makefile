@@ -7,7 +7,7 @@ EXP ?= experiments/digits.yaml
 ARGS ?=
 OUT ?=
 BAFM = $(PY) -m bafm
-OUT_ARG = $(if $(OUT),--out $(OUT),)
+OUT_ARG = $(if $(OUT),--out "$(OUT)",)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data backbone train eval-nfe-sweep edit test test-slow test-gpu tensorboard bench clean
@@ -28,19 +28,19 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## Create .venv (Python 3.11) with torch and bafm in editable mode
 
 data: setup ## Write latent shards for EXP (embedded default: scikit-learn digits)
-	$(BAFM) data --config $(EXP) $(ARGS)
+	$(BAFM) data --config "$(EXP)" $(ARGS)
 
 backbone: setup ## Train the embedded default's SiT backbone and digits classifier from scratch
-	$(BAFM) backbone --config $(EXP) $(ARGS)
+	$(BAFM) backbone --config "$(EXP)" $(ARGS)
 
-train: setup ## Train the SideNet for EXP (logs in runs/, weights in checkpoints/)
-	$(BAFM) train --config $(EXP) $(ARGS)
+train: setup ## Train the SideNet for EXP (logs, checkpoints and the exported SideNet in runs/<name>/)
+	$(BAFM) train --config "$(EXP)" $(ARGS)
 
 eval-nfe-sweep: setup ## FID/IS/trajectory error per solver and NFE budget (OUT=<dir> to redirect)
-	$(BAFM) eval-nfe-sweep --config $(EXP) $(OUT_ARG) $(ARGS)
+	$(BAFM) eval-nfe-sweep --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
 edit: setup ## Invert images and regenerate them under another class
-	$(BAFM) edit --config $(EXP) $(OUT_ARG) $(ARGS)
+	$(BAFM) edit --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
 test: setup ## Run the fast test suite (no slow/gpu tests)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)

@@ -38,7 +38,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"bafm {args.command}: config error: {err}", file=sys.stderr)
         return 2
-    return int(_command(args.command)(cfg, args.out) or 0)
+    try:
+        return int(_command(args.command)(cfg, args.out) or 0)
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise  # a bug, not bad input: keep the traceback
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"bafm {args.command}: {message}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> Tuple[type, ...]:
+    """The error types that mean bad input or a damaged file: one line on stderr, exit code 2.
+
+    Config, checkpoint, shard, sweep/edit input, run folder and output folder errors, a
+    non-finite training loss and a missing file. Anything else is a bug and keeps its traceback.
+    """
+    from bafm.data.shards import ShardError
+    from bafm.editing.edit import EditInputError
+    from bafm.eval.engine import SweepInputError
+    from bafm.io import OutputFolderError
+    from bafm.models.checkpoint_io import CheckpointError
+    from bafm.training.checkpoints import RunFolderError
+
+    return (ConfigError, CheckpointError, ShardError, SweepInputError, EditInputError, RunFolderError,
+            OutputFolderError, FloatingPointError, FileNotFoundError)
 
 
 if __name__ == "__main__":

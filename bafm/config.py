@@ -8,9 +8,10 @@ closest valid ones, a wrong type names the key, the value and the expected type.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,7 +74,9 @@ class BackboneConfig:
 class SideNetConfig:
     """Trainable SideNet (paper release defaults)."""
 
-    path: str = ""  # trained SideNet for sampling/eval; empty: checkpoints/<name>/sidenet.safetensors
+    # Trained SideNet for sampling/eval; empty: runs/<name>/sidenet.safetensors (the training
+    # export) when it exists, else checkpoints/<name>/sidenet.safetensors.
+    path: str = ""
     channels: int = 256
     emb_dim: int = 256
     depth: int = 4
@@ -263,9 +266,11 @@ def _check_keys(schema: DictConfig, given: Any, where: str, prefix: str = "") ->
             _check_keys(child, given[key], where, prefix=f"{full}.")
 
 
-def _merge(base: DictConfig, update: DictConfig, where: str) -> DictConfig:
+def _merge(base: DictConfig, update: DictConfig, where: str, replace_open_dicts: bool = True) -> DictConfig:
+    """Merge ``update`` into ``base``; an experiment file's open dict replaces the default one,
+    a command-line ``eval.budgets.euler=[5]`` changes only that key (``replace_open_dicts=False``)."""
     _check_keys(base, update, where)
-    for key in _OPEN_DICTS:
+    for key in _OPEN_DICTS if replace_open_dicts else ():
         if OmegaConf.select(update, key, default=None) is not None:
             OmegaConf.update(base, key, {}, merge=False)
     try:
@@ -312,14 +317,48 @@ def load_config(
             dot = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as err:
             raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
-        cfg = _merge(cfg, dot, "command-line override")
+        cfg = _merge(cfg, dot, "command-line override", replace_open_dicts=False)
     _validate_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
 
 
+def _finite(value: float) -> bool:
+    return math.isfinite(float(value))
+
+
+def _probability(value: float) -> bool:
+    return _finite(value) and 0.0 <= value <= 1.0
+
+
+# key -> (check, what is expected); checked at load, so bad values fail before any work.
+_RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "data.shuffle_buffer": (lambda v: v >= 0, "an integer >= 0 (0: no shuffling)"),
+    "data.samples_per_shard": (lambda v: v >= 1, "an integer >= 1"),
+    "data.encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "loss.links": (lambda v: v >= 1, "an integer >= 1"),
+    "loss.offset_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.p_backward": (_probability, "a probability in [0, 1]"),
+    "loss.label_dropout": (_probability, "a probability in [0, 1]"),
+    "optim.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "optim.grad_clip": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "optim.ema_decay": (_probability, "a number in [0, 1]"),
+    "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.checkpoint_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "sampling.cfg_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (1: no guidance)"),
+    "sampling.shift": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "eval.num_samples": (lambda v: v >= 2, "an integer >= 2 (FID needs at least two samples)"),
+    "eval.callback_num_samples": (lambda v: v >= 2, "an integer >= 2 (FID needs at least two samples)"),
+    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.every_n_steps": (lambda v: v >= 0, "an integer >= 0 (0: no sweeps while training)"),
+}
+
+
 def _validate_values(cfg: DictConfig) -> None:
-    """Check enumerated string values, which OmegaConf types cannot express."""
+    """Check enumerated string values and numeric ranges, which OmegaConf types cannot express."""
     choices = {
         "data.on_error": ("raise", "skip"),
         "data.source": ("digits", "folder"),
@@ -331,6 +370,10 @@ def _validate_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"'{key}' is '{value}', expected one of: {', '.join(allowed)}.")
+    for key, (ok, expected) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None or not ok(value):
+            raise ConfigError(f"'{key}' is {value}, expected {expected}.")
     interval = list(cfg.sampling.guidance_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
         raise ConfigError(
@@ -358,9 +401,40 @@ def checkpoint_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.checkpoints_dir) / cfg.name
 
 
+def missing_backbone(cfg: ExperimentConfig) -> Optional[str]:
+    """None when ``backbone.path`` is a file, else the one-line message every command gives."""
+    if Path(cfg.backbone.path).is_file():
+        return None
+    hint = ("make it with `make backbone`" if cfg.data.source == "digits"
+            else "download the pretrained checkpoint and set backbone.path")
+    return f"backbone checkpoint '{cfg.backbone.path}' not found; {hint}."
+
+
+def exported_sidenet_path(cfg: ExperimentConfig) -> Path:
+    """Where ``bafm train`` exports the EMA SideNet: ``runs/<experiment>/sidenet.safetensors``."""
+    return run_dir(cfg) / "sidenet.safetensors"
+
+
+def sidenet_choice(cfg: ExperimentConfig) -> Tuple[Path, str]:
+    """The SideNet used for sampling and why that one.
+
+    ``sidenet.path`` when set; else this experiment's training export when one exists; else the
+    default that ships with the repository, ``checkpoints/<experiment>/sidenet.safetensors``.
+
+    Returns:
+        ``(path, reason)``; ``reason`` is a short phrase for the user.
+    """
+    if cfg.sidenet.path:
+        return Path(cfg.sidenet.path), "sidenet.path"
+    export = exported_sidenet_path(cfg)
+    if export.is_file():
+        return export, "this experiment's training export"
+    return checkpoint_dir(cfg) / "sidenet.safetensors", "default checkpoint; no training export in " + str(run_dir(cfg))
+
+
 def sidenet_path(cfg: ExperimentConfig) -> Path:
-    """The SideNet used for sampling: ``sidenet.path`` or the experiment's exported EMA weights."""
-    return Path(cfg.sidenet.path) if cfg.sidenet.path else checkpoint_dir(cfg) / "sidenet.safetensors"
+    """The SideNet used for sampling (see ``sidenet_choice``)."""
+    return sidenet_choice(cfg)[0]
 
 
 def grid_file_path(cfg: ExperimentConfig) -> Path:

@@ -102,3 +102,40 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
     """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be created or written."""
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Prove that ``folder`` can be created (if missing) and written, before any expensive work.
+
+    Nothing is left behind: the check writes and removes a probe file in ``folder``, or in its
+    nearest existing ancestor when ``folder`` does not exist yet (creating it later then works).
+
+    Args:
+        folder: where a command will write its outputs.
+
+    Returns:
+        ``folder`` as a ``Path``.
+
+    Raises:
+        OutputFolderError: it, or an ancestor, is a file, or it cannot be written (one line).
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is an existing file" if existing == folder else f"lies under the file '{existing}'"
+        raise OutputFolderError(f"output folder '{folder}' {what}; pass a folder (--out)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputFolderError(
+            f"output folder '{folder}' cannot be written ({err.strerror or err}); pass another one (--out)"
+        ) from None
+    return folder

@@ -37,3 +37,31 @@ def no_inception_download(monkeypatch):
         raise urllib.error.URLError("network disabled in tests")
 
     monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
+
+
+def _tracked_files_state() -> dict:
+    """``{path: (size, mtime_ns)}`` of every file git tracks in this checkout (empty outside git)."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-z"], capture_output=True,
+                                check=True, timeout=60).stdout.decode().split("\0")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    state = {}
+    for name in filter(None, listed):
+        path = REPO_ROOT / name
+        if path.is_file():
+            stat = path.stat()
+            state[name] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def source_tree_untouched():
+    """No test may rewrite a file tracked in git (e.g. the committed SideNet)."""
+    before = _tracked_files_state()
+    yield
+    after = _tracked_files_state()
+    changed = sorted(name for name in before if after.get(name) != before[name])
+    assert not changed, f"tests rewrote tracked files: {changed}"

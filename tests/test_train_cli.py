@@ -30,8 +30,9 @@ def test_train_logs_sweeps_exports_and_resumes(tmp_path, capsys):
             "eval.every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "eval.callback_budgets=[4]"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    exported = tmp_path / "checkpoints" / "digits" / "sidenet.safetensors"
-    assert str(exported) in out and exported.is_file()
+    exported = tmp_path / "runs" / "digits" / "sidenet.safetensors"
+    assert f"EMA SideNet:        {exported} (+ sidenet.json); make eval-nfe-sweep / make edit use it" in out
+    assert exported.is_file() and not (tmp_path / "checkpoints" / "digits").exists()
     sidenet = load_sidenet(exported)
     assert sidenet.config["channels"] == 8 and not any(p.requires_grad for p in sidenet.parameters())
 
@@ -99,4 +100,4 @@ def test_two_process_cpu_ddp(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     acc = _events(tmp_path / "runs" / "digits")
     assert "sweep/fid/ba_nfe4" in acc.Tags()["scalars"]
-    assert (tmp_path / "checkpoints" / "digits" / "sidenet.safetensors").is_file()
+    assert (tmp_path / "runs" / "digits" / "sidenet.safetensors").is_file()

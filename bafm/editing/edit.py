@@ -104,10 +104,18 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     from omegaconf import OmegaConf
 
     from bafm.data.vae import build_decoder
-    from bafm.io import atomic_write_bytes, atomic_write_text
+    from bafm.eval.inputs import describe_sidenet
+    from bafm.io import OutputFolderError, atomic_write_bytes, atomic_write_text, check_output_folder
 
     points = plan_points(cfg)
     check_inputs(cfg, points)
+    dest = output_dir(cfg, out)
+    try:
+        check_output_folder(dest)  # before sampling, not after
+    except OutputFolderError as err:
+        raise EditInputError(str(err)) from None
+    if print_table:
+        print(describe_sidenet(cfg, [name for name, _ in points]), flush=True)
     device = _resolve_device(str(cfg.edit.device))
     backbone, sidenet = _load_models(cfg, points, device)
     inputs = load_inputs(cfg, backbone, device)
@@ -116,7 +124,6 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
         reference_images = decode_batched(decode, inputs.latents, int(cfg.edit.batch_size))
         classifier = _load_classifier(cfg, reference_images, device)
         rows, grid_rows = _edit_all(cfg, backbone, sidenet, inputs, decode, reference_images, classifier, points)
-    dest = output_dir(cfg, out)
     shown = slice(0, int(cfg.edit.grid_images))
     header = [f"{n} ({int(c)})" for n, c in zip(inputs.names[shown], inputs.source[shown].tolist())]
     table = markdown_table(rows)

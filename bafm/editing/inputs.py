@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bafm.config import ExperimentConfig, sidenet_path
+from bafm.config import ExperimentConfig, missing_backbone, sidenet_path
 from bafm.data.images import IMAGE_EXTENSIONS
 from bafm.data.manifest import latent_scaling_factor
 from bafm.sampling import is_adaptive, latent_shape, steps_for_budget
@@ -96,15 +96,15 @@ def check_inputs(cfg: ExperimentConfig, points: Sequence[Point]) -> None:
         raise EditInputError(f"edit.device is '{ec.device}', expected auto, cpu, cuda or cuda:<i>.")
     if str(ec.device).startswith("cuda") and not torch.cuda.is_available():
         raise EditInputError(f"edit.device is '{ec.device}' but CUDA is not available.")
-    if not Path(cfg.backbone.path).is_file():
-        hint = "make it with `make backbone`" if digits else "download the pretrained checkpoint and set backbone.path"
-        raise EditInputError(f"backbone checkpoint '{cfg.backbone.path}' not found; {hint}.")
+    if missing_backbone(cfg):
+        raise EditInputError(missing_backbone(cfg))
     side = sidenet_path(cfg)
     for name, _ in points:
         if SOLVERS[name].uses_side_fn and not side.is_file():
             raise EditInputError(
                 f"solver '{name}' needs a trained SideNet, none found at '{side}' (sidenet.path, else "
-                f"<checkpoints_dir>/<name>/sidenet.safetensors). `make train` creates it there; or point "
+                f"<runs_dir>/<name>/sidenet.safetensors, else <checkpoints_dir>/<name>/sidenet.safetensors). "
+                f"`make train` exports one; or point "
                 f"sidenet.path at one, or drop '{name}' from edit.solvers."
             )
     if ec.image_dir:

@@ -101,7 +101,8 @@ def plan_sweep(
             where = f" at '{sidenet_hint}'" if sidenet_hint else ""
             raise SweepInputError(
                 f"solver '{name}' needs a trained SideNet, none found{where}. Train one with `make train` "
-                "(it exports the EMA SideNet there), point sidenet.path at one, or drop "
+                "(it exports the EMA SideNet into runs/<experiment>/, used from then on), point sidenet.path "
+                "at one, or drop "
                 f"'{name}' from eval.solvers."
             )
         if isinstance(budgets, Mapping):

@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from bafm.config import sidenet_path
+from bafm.config import missing_backbone, sidenet_choice, sidenet_path
 from bafm.eval.engine import SweepInputError, SweepPoint, plan_sweep
 from bafm.eval.features import FeatureExtractor, build_feature_extractor, check_feature_extractor_files
 from bafm.eval.metrics import FeatureStats
@@ -26,6 +26,14 @@ from bafm.solvers import SOLVERS
 def needs_sidenet(solvers: Sequence[str]) -> bool:
     """Whether any (registered) solver in ``solvers`` needs a SideNet."""
     return any(s in SOLVERS and uses_side_fn(s) for s in solvers)
+
+
+def describe_sidenet(cfg: Any, solvers: Sequence[str]) -> str:
+    """One line naming the SideNet the solvers will use and why (or that none is needed)."""
+    if not needs_sidenet(solvers):
+        return "SideNet: not needed (no solver here uses one)"
+    path, reason = sidenet_choice(cfg)
+    return f"SideNet: {path} ({reason})"
 
 
 def check_eval_files(cfg: Any) -> None:
@@ -68,10 +76,8 @@ def check_sweep_inputs(
     """
     side = sidenet_path(cfg)
     points = plan_sweep(solvers, budgets, sidenet_available=side.is_file(), sidenet_hint=str(side))
-    if need_backbone and not Path(cfg.backbone.path).is_file():
-        hint = ("make it with `make backbone`" if cfg.data.source == "digits"
-                else "download the pretrained checkpoint and set backbone.path")
-        raise SweepInputError(f"backbone checkpoint '{cfg.backbone.path}' not found; {hint}.")
+    if need_backbone and missing_backbone(cfg):
+        raise SweepInputError(missing_backbone(cfg))
     check_eval_files(cfg)
     return points
 

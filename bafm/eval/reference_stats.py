@@ -279,12 +279,18 @@ def _cached_or_computed(
     """The reference computed from ``cfg``'s images, from the cache when it is still valid."""
     cached, source = cache_path(cfg), _source_of(cfg)
     if cached.is_file():
-        old, info = load_reference(cached)
-        valid = (info["extractor"] == extractor.name and info["source"] == source
-                 and (old.spatial is not None or extractor.spatial_dim == 0)
-                 and (prc_size == 0 or (old.features is not None and info["prc_size"] == prc_size)))
-        if valid:  # a file written before a key was needed is recomputed
-            return old if prc_size > 0 else ReferenceStats(pool=old.pool, spatial=old.spatial)
+        try:
+            old, info = load_reference(cached)
+        except Exception as err:  # a cache is disposable: any damage means "recompute"
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            warnings.warn(f"{cached}: unreadable cached reference statistics ({reason}); recomputing",
+                          stacklevel=2)
+        else:
+            valid = (info["extractor"] == extractor.name and info["source"] == source
+                     and (old.spatial is not None or extractor.spatial_dim == 0)
+                     and (prc_size == 0 or (old.features is not None and info["prc_size"] == prc_size)))
+            if valid:  # a file written before a key was needed is recomputed
+                return old if prc_size > 0 else ReferenceStats(pool=old.pool, spatial=old.spatial)
     fresh = compute_reference(_image_batches(cfg, batch_size), extractor, device, prc_size=prc_size)
     save_stats(cached, fresh, extractor=extractor.name, source=source, prc_size=prc_size)
     return fresh

@@ -9,6 +9,7 @@ Runs on one device or under ``torchrun`` (samples split across processes, rank 0
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,9 +21,9 @@ from omegaconf import OmegaConf
 from bafm.config import ExperimentConfig, run_dir, to_container
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepEngine, SweepInputError, SweepResult
-from bafm.eval.inputs import check_sweep_inputs, load_models
+from bafm.eval.inputs import check_sweep_inputs, describe_sidenet, load_models
 from bafm.eval.report import NpzSampleWriter, log_tensorboard, write_reports
-from bafm.io import atomic_write_text
+from bafm.io import OutputFolderError, atomic_write_text, check_output_folder
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -53,6 +54,12 @@ def sweep(
     solvers = list(ec.solvers)
     budgets = {k: list(v) for k, v in ec.budgets.items()}
     check_sweep_inputs(cfg, solvers, budgets)
+    try:
+        check_output_folder(output_dir(cfg, out))  # before sampling, not after
+    except OutputFolderError as err:
+        raise SweepInputError(str(err)) from None
+    if print_table and int(os.environ.get("RANK", "0")) == 0:
+        print(describe_sidenet(cfg, solvers), flush=True)
     if ec.device not in ("auto", "cpu") and not str(ec.device).startswith("cuda"):
         raise SweepInputError(f"eval.device is '{ec.device}', expected auto, cpu, cuda or cuda:<i>.")
     try:

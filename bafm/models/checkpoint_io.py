@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from bafm.io import atomic_path, atomic_write_text
 
 CONFIG_METADATA_KEY = "bafm_config"
+# Phrases of torch's weights-only unpickler when it refuses a class (rather than failing to parse).
+REFUSED_PICKLE_MARKERS = ("Unsupported global", "is blocked", "allowlisted")
 # Wrapper prefixes added by DistributedDataParallel / DataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -36,6 +39,13 @@ def config_path(path: str | Path) -> Path:
     """The JSON config that sits beside a weights file: ``dir/<stem>.json``."""
     path = Path(path)
     return path.with_name(path.stem + ".json")
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """A pickle of protocol 2-5 (PROTO opcode) or a ``torch.save`` zip archive."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK\x03\x04"
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -58,20 +68,28 @@ def read_checkpoint(path: str | Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: cannot read as safetensors: {err}") from None
+            raise CheckpointError(f"{path}: not a readable checkpoint (cannot read as safetensors: {err})") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # Damaged files read as odd pickle protocols; the error below says what matters.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not (any(marker in str(err) for marker in REFUSED_PICKLE_MARKERS) or _starts_like_pickle(path)):
+            # Random bytes or a damaged pickle, not a refused class.
+            raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or not a "
+                                  f"torch.save/safetensors file)") from None
+        reason = next((line.strip() for line in str(err).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
         raise CheckpointError(
             f"{path}: refused to load. The file holds Python objects beyond tensors, and unpickling "
             f"them could run arbitrary code ({reason}). If you trust its origin, re-save only the "
             f"weights in a separate trusted session (e.g. torch.save(obj['ema'], 'weights.pt'), or "
             f"safetensors.torch.save_file) and load that file instead."
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {err}") from None
+    except Exception as err:  # random or truncated bytes fail in many ways (IndexError, EOFError, ...)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def read_metadata_config(path: str | Path) -> Optional[Dict[str, Any]]:

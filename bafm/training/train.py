@@ -9,46 +9,29 @@ from typing import List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import (
-    Callback,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    OnExceptionCheckpoint,
-    ThroughputMonitor,
-    TQDMProgressBar,
-)
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from bafm.config import ExperimentConfig, checkpoint_dir, run_dir, to_container
+from bafm.config import ExperimentConfig, exported_sidenet_path, missing_backbone, run_dir, to_container
 from bafm.io import atomic_write_text
 from bafm.models.loading import load_backbone, save_sidenet
 from bafm.models.sidenet import SideNet
 from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig
 from bafm.training.callbacks import NFESweepCallback
+from bafm.training.checkpoints import (
+    AtomicCheckpointIO,
+    FiniteModelCheckpoint,
+    InterruptCheckpoint,
+    check_fresh_run_folder,
+    resolve_resume,
+)
 from bafm.training.module import SideNetModule
 
 
 def training_checkpoint_dir(cfg: ExperimentConfig) -> Path:
     """Resumable Lightning checkpoints: ``runs/<experiment>/checkpoints``."""
     return run_dir(cfg) / "checkpoints"
-
-
-def resolve_resume(cfg: ExperimentConfig) -> Optional[str]:
-    """``trainer.resume``: "" (fresh), "last" (newest checkpoint of this experiment) or a path."""
-    resume = cfg.trainer.resume
-    if not resume:
-        return None
-    if resume == "last":
-        candidates = sorted(training_checkpoint_dir(cfg).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise FileNotFoundError(
-                f"trainer.resume=last but no checkpoint in {training_checkpoint_dir(cfg)}; "
-                "start without trainer.resume")
-        return str(candidates[-1])
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"trainer.resume: checkpoint '{resume}' not found")
-    return resume
 
 
 def build_trainer(cfg: ExperimentConfig, callbacks: List[Callback]) -> L.Trainer:
@@ -64,6 +47,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: List[Callback]) -> L.Trainer
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
         precision=precision, max_steps=tc.max_steps, log_every_n_steps=tc.log_every_n_steps,
         gradient_clip_val=cfg.optim.grad_clip, logger=logger, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],  # temp file + rename beside the target, not in $TMPDIR
         fast_dev_run=tc.fast_dev_run, deterministic=tc.deterministic,
         enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
         use_distributed_sampler=False,  # the WebDataset loader splits by node itself
@@ -97,6 +81,13 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     from bafm.data.datamodule import LatentDataModule
     from bafm.data.digits import ensure_digits_shards
 
+    ckpt_dir = training_checkpoint_dir(cfg)
+    # Before any work: a run resumes only when asked, and never mixes with an earlier run.
+    resume = resolve_resume(cfg.trainer.resume, ckpt_dir)
+    if resume is None and not cfg.trainer.fast_dev_run:
+        check_fresh_run_folder(ckpt_dir, run_dir(cfg))
+    if missing_backbone(cfg):
+        raise FileNotFoundError(missing_backbone(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.source == "digits":
         ensure_digits_shards(cfg)
@@ -115,12 +106,11 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
         seed=cfg.seed, hparams=to_container(cfg),
     )
-    ckpt_dir = training_checkpoint_dir(cfg)
     callbacks: List[Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=-1,
-                        save_last=True),
-        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+        FiniteModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                              every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=-1,
+                              save_last=True, enable_version_counter=False),
+        InterruptCheckpoint(ckpt_dir),
         LearningRateMonitor(logging_interval="step"),  # train/lr
         # train/device/samples_per_sec (images/s), averaged over the steps between two logs.
         ThroughputMonitor(batch_size_fn=lambda batch: batch["latent"].shape[0],
@@ -134,7 +124,7 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     start = time.perf_counter()
     try:
         # weights_only: resuming never unpickles code, even from a checkpoint of unknown origin.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg), weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown
         if not trainer.interrupted:
             raise
@@ -144,14 +134,15 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
               f"(checkpoints in {ckpt_dir})")
         return 130
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
-        export = checkpoint_dir(cfg) / "sidenet.safetensors"
+        export = exported_sidenet_path(cfg)
         save_sidenet(module.ema_sidenet, export)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         summary = {"experiment": cfg.name, "steps": trainer.global_step, "seconds": round(seconds, 1),
                    "backbone": cfg.backbone.path, "sidenet": str(export), "metrics": metrics}
         atomic_write_text(run_dir(cfg) / "train_summary.json", json.dumps(summary, indent=2))
         print(f"\nTrained {trainer.global_step} steps in {seconds / 60:.1f} min.")
-        print(f"  EMA SideNet:        {export} (+ {export.with_suffix('.json').name})")
+        print(f"  EMA SideNet:        {export} (+ {export.with_suffix('.json').name}); "
+              f"make eval-nfe-sweep / make edit use it")
         print(f"  resumable ckpts:    {ckpt_dir}")
         print(f"  TensorBoard logs:   {Path(trainer.logger.log_dir)}  (make tensorboard)")
         print(f"  NFE-sweep metrics:  {run_dir(cfg) / 'train_sweeps'}")
