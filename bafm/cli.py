@@ -54,7 +54,7 @@ def user_errors() -> Tuple[type, ...]:
     Config, checkpoint, shard, sweep/edit input, run folder and output folder errors, a
     non-finite training loss and a missing file. Anything else is a bug and keeps its traceback.
     """
-    from bafm.data.shards import ShardError
+    from bafm.data.manifest import ShardError
     from bafm.editing.edit import EditInputError
     from bafm.eval.engine import SweepInputError
     from bafm.io import OutputFolderError
