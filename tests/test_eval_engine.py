@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bafm.eval.engine import COLUMNS, ReferenceCache, SweepInputError, evaluate_sweep, plan_sweep
+from bafm.eval.plan import SweepSettings
 from bafm.eval.features import FeatureBatch, FeatureExtractor
 from bafm.eval.metrics import ReferenceStats, feature_statistics, frechet_distance, precision_recall
 from bafm.eval.report import log_tensorboard, markdown_table, read_csv, rows_to_csv, write_reports
@@ -84,11 +85,13 @@ def ref_stats(flow):
 
 
 def _sweep(backbone, sidenet, ref_stats, **kw):
-    args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, seed=3, sampling=SAMPLING,
-                decoder=decode, feature_extractor=TinyFeatures(), reference_stats=ref_stats, batch_size=8,
-                device="cpu", progress=False, reference_rtol=1e-6, reference_atol=1e-6, grid_images=4)
-    args.update(kw)
-    return evaluate_sweep(backbone, sidenet, **args)
+    """``evaluate_sweep`` with test defaults; keyword arguments that name a ``SweepSettings`` field set it."""
+    settings = dict(seed=3, sampling=SAMPLING, batch_size=8, reference_rtol=1e-6, reference_atol=1e-6, grid_images=4)
+    args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, decoder=decode,
+                feature_extractor=TinyFeatures(), reference_stats=ref_stats, device="cpu", progress=False)
+    for key, value in kw.items():
+        (settings if key in SweepSettings.__dataclass_fields__ else args)[key] = value
+    return evaluate_sweep(backbone, sidenet, settings=SweepSettings(**settings), **args)
 
 
 def test_noise_and_labels_are_per_sample():

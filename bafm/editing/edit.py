@@ -59,7 +59,7 @@ def _load_models(
     cfg: ExperimentConfig, points: Sequence[Point], device: torch.device
 ) -> Tuple[nn.Module, Optional[nn.Module]]:
     """The frozen backbone, and the SideNet when a solver needs one (the sweep's loader)."""
-    from bafm.eval.inputs import load_models
+    from bafm.experiment import load_models
     from bafm.models.checkpoint_io import CheckpointError
 
     try:
@@ -104,7 +104,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     from omegaconf import OmegaConf
 
     from bafm.data.vae import build_decoder
-    from bafm.eval.inputs import describe_sidenet
+    from bafm.experiment import describe_sidenet
     from bafm.io import OutputFolderError, atomic_write_bytes, atomic_write_text, check_output_folder
 
     points = plan_points(cfg)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from bafm.config import ExperimentConfig
-from bafm.eval import report
+from bafm.tables import csv_text, markdown_text
 
 COLUMNS = ("solver", "nfe", "steps", "recon_psnr", "recon_latent_rmse", "edit_target_prob", "edit_target_acc",
            "seconds", "n_images")  # fmt: skip
@@ -49,12 +49,12 @@ def notes(cfg: ExperimentConfig, has_classifier: bool) -> str:
 
 def rows_to_csv(rows: Sequence[Row]) -> str:
     """CSV text with the ``COLUMNS`` header."""
-    return report.rows_to_csv(rows, COLUMNS, ".6g")
+    return csv_text(rows, COLUMNS, ".6g")
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as a GitHub Markdown table (the CSV's columns)."""
-    return report.markdown_table(rows, COLUMNS, {c: ".6g" for c in COLUMNS})
+    return markdown_text(rows, COLUMNS, {c: ".6g" for c in COLUMNS})
 
 
 def render_grid(rows: Sequence[Tuple[str, Tensor]], header: Sequence[str]) -> bytes:

@@ -1,7 +1,9 @@
 """NFE-sweep evaluation: samples per solver and budget, FID / IS / trajectory error / time.
 
 ``evaluate_sweep`` (and ``SweepEngine``, which keeps the reference solutions between runs) is
-the one engine behind ``bafm eval-nfe-sweep`` and the training callback.
+the one engine behind ``bafm eval-nfe-sweep`` and the training callback. Modules depend one way:
+``plan`` (points, settings, columns) <- ``points`` <- ``engine`` <- ``inputs`` (built from a
+config) and ``report`` (all writing) <- ``sweep`` (the command).
 """
 
 from bafm.eval.engine import (
@@ -10,6 +12,7 @@ from bafm.eval.engine import (
     SweepEngine,
     SweepInputError,
     SweepResult,
+    SweepSettings,
     evaluate_sweep,
     plan_sweep,
 )
@@ -26,6 +29,7 @@ __all__ = [
     "SweepEngine",
     "SweepInputError",
     "SweepResult",
+    "SweepSettings",
     "evaluate_sweep",
     "feature_statistics",
     "frechet_distance",

@@ -3,7 +3,8 @@
 ``check_sweep_inputs`` looks at every file a sweep needs (backbone, SideNet, VAE, feature
 extractor, reference) and raises ``SweepInputError`` naming the first missing one and how to
 make it, before anything is loaded or sampled. ``build_eval_inputs`` then builds the decoder,
-feature extractor and reference statistics; ``load_models`` the backbone and SideNet.
+feature extractor and reference statistics, ``build_sweep_engine`` the engine with them and the
+sweep's settings (the models come from ``bafm.experiment.load_models``).
 """
 
 from __future__ import annotations
@@ -12,28 +13,15 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from bafm.config import missing_backbone, sidenet_choice, sidenet_path
-from bafm.eval.engine import SweepInputError, SweepPoint, plan_sweep
+from bafm.config import grid_file_path, missing_backbone, sampling_settings, sidenet_path
+from bafm.eval.engine import SweepEngine
 from bafm.eval.features import FeatureExtractor, build_feature_extractor, check_feature_extractor_files
 from bafm.eval.metrics import FeatureStats
+from bafm.eval.plan import SweepInputError, SweepPoint, SweepSettings, plan_sweep
 from bafm.eval.reference_stats import check_reference_source, resolve_reference_stats
-from bafm.sampling import uses_side_fn
-from bafm.solvers import SOLVERS
-
-
-def needs_sidenet(solvers: Sequence[str]) -> bool:
-    """Whether any (registered) solver in ``solvers`` needs a SideNet."""
-    return any(s in SOLVERS and uses_side_fn(s) for s in solvers)
-
-
-def describe_sidenet(cfg: Any, solvers: Sequence[str]) -> str:
-    """One line naming the SideNet the solvers will use and why (or that none is needed)."""
-    if not needs_sidenet(solvers):
-        return "SideNet: not needed (no solver here uses one)"
-    path, reason = sidenet_choice(cfg)
-    return f"SideNet: {path} ({reason})"
+from bafm.solvers.grid_store import load_grid_table
 
 
 def check_eval_files(cfg: Any) -> None:
@@ -107,26 +95,33 @@ def build_eval_inputs(
     return build_decoder(cfg), extractor, stats
 
 
-def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """The frozen backbone, and the SideNet when a solver needs one.
+def sweep_settings(cfg: Any) -> SweepSettings:
+    """The sweep's fixed settings from ``cfg.eval`` and ``cfg.sampling``."""
+    ec = cfg.eval
+    return SweepSettings(
+        sampling=sampling_settings(cfg), seed=int(ec.seed), batch_size=int(ec.batch_size),
+        reference_rtol=float(ec.reference_rtol), reference_atol=float(ec.reference_atol),
+        reference_batch_size=int(ec.reference_batch_size), include_reference=bool(ec.include_reference),
+        grid_images=int(ec.grid_images), is_splits=int(ec.is_splits), sidenet_hint=str(sidenet_path(cfg)),
+    )
+
+
+def build_sweep_engine(cfg: Any, device: torch.device | str = "cpu") -> SweepEngine:
+    """A ``SweepEngine`` with decoder, feature extractor, reference statistics and grids from ``cfg``.
 
     Args:
-        cfg: experiment config (``backbone.*``, ``sidenet.path``).
-        solvers: solver names of the sweep.
-        device: where the weights go.
+        cfg: experiment config (``eval``, ``sampling``, ``data``, ``sidenet``).
+        device: where the feature extractor (and reference features) run.
 
-    Returns:
-        ``(backbone, sidenet or None)``, both in eval mode without gradients, wrapped by
-        ``bafm.models.fast.optimize_from_config`` when a speed switch is on.
+    Raises:
+        SweepInputError: a file it needs is missing (names it and how to make it).
     """
-    from bafm.models.fast import optimize_from_config
-    from bafm.models.loading import load_backbone, load_sidenet
-
-    bc = cfg.backbone
-    backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, device=device,
-                             depth=bc.depth, hidden_size=bc.hidden_size, num_heads=bc.num_heads)
-    sidenet = load_sidenet(sidenet_path(cfg), device=device) if needs_sidenet(solvers) else None
-    # Speed switches (compile, CUDA graphs, channels-last, precision) from backbone.* / sidenet.*.
-    backbone = optimize_from_config(backbone, bc)
-    sidenet = optimize_from_config(sidenet, cfg.sidenet) if sidenet is not None else None
-    return backbone, sidenet
+    table = None
+    if str(cfg.sampling.grid) == "optimized":
+        try:
+            table = load_grid_table(grid_file_path(cfg))
+        except (FileNotFoundError, ValueError) as err:
+            raise SweepInputError(str(err)) from None
+    decoder, extractor, stats = build_eval_inputs(cfg, device)
+    return SweepEngine(sweep_settings(cfg), decoder=decoder, feature_extractor=extractor, reference_stats=stats,
+                       grid_table=table)

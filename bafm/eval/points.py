@@ -15,23 +15,13 @@ from torch import Tensor, nn
 from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
-from bafm.sampling import REFERENCE, SamplingSettings, sample_labels, sample_noise, solve_batch
+from bafm.eval.plan import Row, SweepPoint, SweepSettings
+from bafm.sampling import REFERENCE, sample_labels, sample_noise, solve_batch
 from bafm.solvers import SOLVERS
 from bafm.solvers.grid_store import GridTable
 
-# sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
-COLUMNS = ("solver", "grid", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds",
-           "n_samples")
-Row = Dict[str, Any]
 
 
-@dataclass(frozen=True)
-class SweepPoint:
-    """One row of the sweep: a solver at a budget (``steps`` grid intervals)."""
-
-    solver: str
-    nfe: int
-    steps: int
 
 
 @dataclass
@@ -81,28 +71,22 @@ class SweepContext:
 
     backbone: nn.Module
     sidenet: Optional[nn.Module]
-    seed: int
+    settings: SweepSettings  # its batch_size is the one in use
     shape: Tuple[int, ...]
-    sampling: SamplingSettings
     decoder: Callable[[Tensor], Tensor]
     extractor: FeatureExtractor
     reference_stats: Optional[FeatureStats | ReferenceStats]
     device: torch.device
     cache: ReferenceCache
     use_reference: bool
-    rtol: float
-    atol: float
-    grid_images: int
     keep_uint8: bool
-    is_splits: int
-    batch_size: int
     bar: Any = None  # tqdm bar on rank 0
     world: int = 1
     grid_table: Optional[GridTable] = None  # optimized grids, for sampling.grid = optimized
 
     def grid_name(self, solver: str) -> str:
         """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers, ``adaptive`` otherwise."""
-        return "adaptive" if SOLVERS[solver].nfe_per_step is None else self.sampling.grid
+        return "adaptive" if SOLVERS[solver].nfe_per_step is None else self.settings.sampling.grid
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
@@ -142,7 +126,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
         if is_ref and all(i in cache.latents for i in ids):
             # Solved in an earlier sweep: reuse latents, features and timing.
             x = torch.stack([cache.latents[i] for i in ids]).to(device)
-            needs_images = ctx.keep_uint8 or any(i < ctx.grid_images for i in ids)
+            needs_images = ctx.keep_uint8 or any(i < ctx.settings.grid_images for i in ids)
             images = ctx.decoder(x) if needs_images else None
             feats = torch.stack([cache.features[i] for i in ids])
             logits = torch.stack([cache.logits[i] for i in ids]) if ids[0] in cache.logits else None
@@ -150,13 +134,13 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             nfe, steps = sum(cache.nfe[i] for i in ids), sum(cache.steps[i] for i in ids)
             elapsed = sum(cache.seconds[i] for i in ids)
         else:
-            noise = sample_noise(idx, ctx.shape, ctx.seed, device=device)
+            noise = sample_noise(idx, ctx.shape, ctx.settings.seed, device=device)
             labels = sample_labels(idx, int(ctx.backbone.num_classes), device=device)
-            opts = {"rtol": ctx.rtol, "atol": ctx.atol} if is_ref else {}
+            opts = {"rtol": ctx.settings.reference_rtol, "atol": ctx.settings.reference_atol} if is_ref else {}
             sync(device)
             start = time.perf_counter()
             res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                              ctx.sampling, t_grid=t_grid, **opts)
+                              ctx.settings.sampling, t_grid=t_grid, **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x
@@ -186,7 +170,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             ref = torch.stack([cache.latents[i] for i in ids]).to(device=device, dtype=torch.float64)
             diff = (x.double() - ref).flatten(1)  # (B, C * H * W)
             out.rmse.append(diff.pow(2).mean(dim=1).sqrt().cpu())
-        in_grid = idx < ctx.grid_images
+        in_grid = idx < ctx.settings.grid_images
         out.grid_idx.append(idx[in_grid])
         if images is not None:
             out.grid.append(images[in_grid.to(images.device)].float().clamp(0, 1).cpu())
@@ -230,7 +214,7 @@ def reduce_point(
     rmse = gather_to_rank0(cat(local.rmse), idx if local.rmse else idx[:0], device)
     gidx = torch.cat(local.grid_idx) if local.grid_idx else torch.zeros(0, dtype=torch.int64)
     grid_all = gather_to_rank0(cat(local.grid), gidx if local.grid else gidx[:0], device)
-    u8 = gather_to_rank0(cat(local.uint8), idx, device, chunk=ctx.batch_size) if ctx.keep_uint8 else None
+    u8 = gather_to_rank0(cat(local.uint8), idx, device, chunk=ctx.settings.batch_size) if ctx.keep_uint8 else None
     nfe_sum, steps_sum, seconds_sum, count = all_sum([local.nfe, local.steps, local.seconds, local.count], device)
 
     n = max(int(count), 1)
@@ -242,7 +226,7 @@ def reduce_point(
         return row, None, None
     row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device))
     if logits is not None:
-        row["is"] = inception_score(logits, splits=ctx.is_splits)[0]
+        row["is"] = inception_score(logits, splits=ctx.settings.is_splits)[0]
     if ctx.use_reference and rmse is not None and rmse.numel():
         row["traj_rmse"] = float(rmse.double().mean())
     grid = image_grid(grid_all) if grid_all is not None and grid_all.shape[0] else None

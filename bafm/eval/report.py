@@ -17,27 +17,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bafm.eval.engine import COLUMNS, Grids, Row
+from bafm.eval.plan import COLUMNS, Grids, Row
 from bafm.io import atomic_write_bytes, atomic_write_text
 from bafm.sampling import REFERENCE
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:  # a metric this extractor/reference does not provide: a blank cell
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else format(value, spec)
-    return str(value)
+from bafm.tables import csv_text, markdown_text
 
 
 def rows_to_csv(rows: Sequence[Row], columns: Sequence[str] = COLUMNS, spec: str = ".8g") -> str:
     """CSV text with exactly ``columns`` (default ``COLUMNS``); None is written as an empty cell."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_fmt(row[c], spec) for c in columns])
-    return buf.getvalue()
+    return csv_text(rows, columns, spec)
 
 
 def read_csv(path: str | Path) -> List[Dict[str, Any]]:
@@ -66,11 +54,7 @@ SWEEP_SPECS = {"fid": ".3f", "sfid": ".3f", "is": ".3f", "precision": ".3f", "re
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS,
                    specs: Optional[Dict[str, str]] = None) -> str:
     """The rows as a GitHub Markdown table (same columns as the CSV; ``specs``: format per column)."""
-    specs = SWEEP_SPECS if specs is None else specs
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c], specs.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_text(rows, columns, SWEEP_SPECS if specs is None else specs)
 
 
 def plot_fid_vs_nfe(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:

@@ -20,9 +20,11 @@ from omegaconf import OmegaConf
 
 from bafm.config import ExperimentConfig, run_dir, to_container
 from bafm.eval.distributed import init_from_env, world_info
-from bafm.eval.engine import SweepEngine, SweepInputError, SweepResult
-from bafm.eval.inputs import check_sweep_inputs, describe_sidenet, load_models
-from bafm.eval.report import NpzSampleWriter, log_tensorboard, write_reports
+from bafm.eval.engine import SweepResult
+from bafm.eval.inputs import build_sweep_engine, check_sweep_inputs
+from bafm.eval.plan import SweepInputError
+from bafm.eval.report import NpzSampleWriter, log_tensorboard, markdown_table, write_reports
+from bafm.experiment import describe_sidenet, load_models
 from bafm.io import OutputFolderError, atomic_write_text, check_output_folder
 
 
@@ -69,7 +71,7 @@ def sweep(
     try:
         rank, _ = world_info()
         dest = output_dir(cfg, out)
-        engine = SweepEngine.from_config(cfg, device=device)
+        engine = build_sweep_engine(cfg, device=device)
         backbone, sidenet = load_models(cfg, solvers, device)
         sink = NpzSampleWriter(dest / "samples") if ec.save_npz else None
         with torch.no_grad():
@@ -80,7 +82,7 @@ def sweep(
             atomic_write_text(dest / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
             _log_tensorboard(dest / "tensorboard", result)
             if print_table:
-                print(result.markdown(), end="")
+                print(markdown_table(result.rows), end="")
                 print(f"results: {dest}")
     finally:
         if created:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from bafm.config import ExperimentConfig, run_dir
+from bafm.io import atomic_write_text
 
 
 class NFESweepCallback(Callback):
@@ -31,12 +32,12 @@ class NFESweepCallback(Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from bafm.eval.engine import SweepEngine
+        from bafm.eval.inputs import build_sweep_engine
 
         if stage == "fit" and self._engine is None:
             # Builds the feature extractor and reference statistics now, so missing files fail
             # before the first training step.
-            self._engine = SweepEngine.from_config(self.cfg, device=pl_module.device)
+            self._engine = build_sweep_engine(self.cfg, device=pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -49,6 +50,8 @@ class NFESweepCallback(Callback):
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from bafm.eval.report import rows_to_csv
+
         assert self._engine is not None
         self._last_step = step = trainer.global_step
         ec = self.cfg.eval
@@ -79,7 +82,7 @@ class NFESweepCallback(Callback):
             for (solver, nfe), grid in result.grids.items():
                 experiment.add_image(f"samples/{solver}_nfe{nfe}", grid, global_step=step)
         out = Path(run_dir(self.cfg)) / "train_sweeps"
-        result.write_csv(out / f"step{step:07d}.csv")
+        atomic_write_text(out / f"step{step:07d}.csv", rows_to_csv(result.rows))
         summary = ", ".join(f"{k.split('/', 2)[2]} {k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
                             if k.startswith("sweep/fid/"))
         pl_module.print(f"[step {step}] NFE sweep: {summary}")
