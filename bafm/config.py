@@ -35,7 +35,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     use_flip: bool = True  # pick the flipped moments with probability 0.5 when present
     on_error: str = "raise"  # raise | skip: what a corrupt sample or shard does
-    verify_checksums: bool = False  # check each shard's sha256 against the manifest when read
+    # Sizes are always checked against the manifest; this also checks each shard's sha256 the
+    # first time a process opens it (false: size only).
+    verify_checksums: bool = True
     # Preparation (``bafm data``).
     source: str = "digits"  # digits | folder
     image_dir: str = ""  # ImageNet-style folder (class sub-folders) for source=folder

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bafm.config import DataConfig
+from bafm.data import datamodule as datamodule_module
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.manifest import update_manifest
 from bafm.data.shard_writer import ShardWriter
@@ -50,10 +51,15 @@ def write_synthetic(folder: Path, samples: int, per_shard: int, channels: int = 
     update_manifest(folder, common, "train", {"count": samples, "num_shards": len(records), "shards": records})
 
 
-def measure(folder: Path, batch_size: int, batches: int, warmup: int = 5) -> Dict[str, float]:
-    """Time ``batches`` batches from the training loader (num_workers=0, one process)."""
+def measure(folder: Path, batch_size: int, batches: int, warmup: int = 5,
+            verify_checksums: bool = True) -> Dict[str, float]:
+    """Time ``batches`` batches from the training loader (num_workers=0, one process).
+
+    Every run starts as a fresh process would: no shard's sha256 verified yet.
+    """
+    datamodule_module._VERIFIED.clear()
     cfg = DataConfig(root=str(folder.parent), dataset=folder.name, batch_size=batch_size, num_workers=0,
-                     shuffle_buffer=1000, use_flip=True)
+                     shuffle_buffer=1000, use_flip=True, verify_checksums=verify_checksums)
     dm = LatentDataModule(cfg, seed=0)
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -83,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="report the best of this many timed runs")
+    parser.add_argument("--verify-checksums", type=int, choices=(0, 1), default=1,
+                        help="1: sha256 of each shard on its first open (the default), 0: size check only")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -91,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.perf_counter()
         write_synthetic(folder, args.samples, args.per_shard)
         write_seconds = time.perf_counter() - start
-        runs = [measure(folder, args.batch_size, args.batches) for _ in range(args.repeats)]
+        runs = [measure(folder, args.batch_size, args.batches, verify_checksums=bool(args.verify_checksums))
+                for _ in range(args.repeats)]
     best = max(runs, key=lambda r: r["latents_per_s"])
     result = {
         "benchmark": "latent loader", "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
@@ -101,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "load_average_1min": round(os.getloadavg()[0], 2),
         "settings": {"samples": args.samples, "samples_per_shard": args.per_shard, "latent_shape": [4, 32, 32],
                      "moments": "float16 (8, 32, 32) + flipped", "num_workers": 0, "torch_threads": 1,
-                     "shuffle_buffer": 1000, "use_flip": True, "timed_batches": args.batches, "warmup_batches": 5},
+                     "shuffle_buffer": 1000, "use_flip": True, "timed_batches": args.batches, "warmup_batches": 5,
+                     "verify_checksums": bool(args.verify_checksums)},
         "write_samples_per_s": round(args.samples / write_seconds, 1),
     }
     atomic_write_json(Path(args.out), result)

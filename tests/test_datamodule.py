@@ -18,7 +18,7 @@ from bafm.config import DataConfig
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.manifest import ShardError, update_manifest
 from bafm.data.npy_codec import encode_npy
-from bafm.data.shard_writer import ShardWriter
+from bafm.data.shard_writer import ShardWriter, sha256_file
 
 C, H = 2, 4
 NUM_CLASSES = 5
@@ -54,6 +54,8 @@ def write_dataset(root: Path, n: int = 50, per_shard: int = 10, std: bool = Fals
                     m = encode_npy(np.concatenate([_mean(j), np.zeros((C, H, H), np.float16)]))
                     tw.write({"__key__": f"{j:05d}", "moments.npy": payload if j == i else m,
                               "cls": str(j % NUM_CLASSES).encode()})
+            # Recorded as written: the shard file is intact, one sample in it is bad.
+            records[shard].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     common = {"dataset": "syn", "source": "synthetic", "encoder": {"kind": "synthetic"}, "scaling_factor": SCALE,
               "dtype": "float16", "moments_shape": [2 * C, H, H], "latent_shape": [C, H, H], "has_flip": flip,
               "num_classes": NUM_CLASSES, "class_names": [str(c) for c in range(NUM_CLASSES)], "preprocessing": {}}
@@ -176,7 +178,9 @@ def test_truncated_shard_raises_or_is_skipped(tmp_path: Path, caplog: pytest.Log
     shard = folder / "train-000001.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ShardError, match=r"train-000001\.tar.*truncated"):
+    size = len(data) // 2
+    with pytest.raises(ShardError, match=rf"train-000001\.tar: {size} bytes, the manifest says {len(data)}; "
+                                         r"re-run `make data` to rewrite it"):
         for _ in _dm(folder).train_dataloader():
             pass
     dm = _dm(folder, on_error="skip")

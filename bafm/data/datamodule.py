@@ -22,7 +22,7 @@ import multiprocessing
 from functools import partial
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import lightning as L
 import numpy as np
@@ -90,6 +90,10 @@ def _split_by_rank(src: Iterable[Dict[str, str]], rank: int, world_size: int) ->
             yield item
 
 
+# (shard path, sha256) pairs whose checksum this process has verified: each is hashed once.
+_VERIFIED: Set[Tuple[str, str]] = set()
+
+
 class _ReadShards:
     """Pipeline stage: shard URLs -> validated ``LatentSample``s, with the ``on_error`` policy.
 
@@ -97,9 +101,22 @@ class _ReadShards:
     """
 
     def __init__(self, counts: Mapping[str, int], moments_shape: Tuple[int, ...], num_classes: int,
-                 on_error: str, skipped: SkipCounter, checksums: Optional[Mapping[str, str]] = None) -> None:
+                 on_error: str, skipped: SkipCounter, checksums: Optional[Mapping[str, str]] = None,
+                 sizes: Optional[Mapping[str, int]] = None) -> None:
         self.counts, self.moments_shape, self.num_classes = dict(counts), tuple(moments_shape), num_classes
         self.on_error, self.skipped, self.checksums = on_error, skipped, checksums
+        self.sizes = dict(sizes or {})
+
+    def _check_file(self, url: str, data: Any) -> None:
+        """Size against the manifest always; sha256 the first time this process opens the shard."""
+        expected = self.sizes.get(url)
+        if expected is not None and len(data) != expected:
+            raise ShardError(url, f"{len(data)} bytes, the manifest says {expected}; re-run `make data` to rewrite it")
+        if self.checksums is None or (url, self.checksums[url]) in _VERIFIED:
+            return
+        if hashlib.sha256(data).hexdigest() != self.checksums[url]:
+            raise ShardError(url, "sha256 differs from the manifest; re-run `make data` to rewrite it")
+        _VERIFIED.add((url, self.checksums[url]))
 
     def _skip(self, err: ShardError, n: int) -> None:
         total = self.skipped.add(n)
@@ -112,8 +129,7 @@ class _ReadShards:
             good = 0
             try:
                 data = open_shard(url)
-                if self.checksums is not None and hashlib.sha256(data).hexdigest() != self.checksums[url]:
-                    raise ShardError(url, "sha256 differs from the manifest")
+                self._check_file(url, data)
                 for raw in iter_samples(data, url):
                     try:
                         sample = check_sample(raw, self.moments_shape, self.num_classes)
@@ -126,7 +142,8 @@ class _ReadShards:
                     good += 1
                     yield sample
                 if good != expected:
-                    raise ShardError(url, f"holds {good} good samples, the manifest says {self.counts.get(url)}")
+                    raise ShardError(url, f"holds {good} good samples, the manifest says {self.counts.get(url)}; "
+                                          "re-run `make data` to rewrite it")
             except OSError as err:
                 if self.on_error == "raise":
                     raise ShardError(url, f"cannot read: {err}") from err
@@ -291,12 +308,14 @@ class LatentDataModule(L.LightningDataModule):
 
     def _reader(self, split: str) -> Tuple[List[str], _ReadShards]:
         shards = shard_paths(self.folder, self.manifest, split)
+        records = {r["name"]: r for r in self.manifest["splits"][split]["shards"]}
+        sizes = {path: int(records[Path(path).name]["bytes"]) for path, _ in shards
+                 if "bytes" in records[Path(path).name]}
         checksums = None
         if self.cfg.verify_checksums:
-            records = {r["name"]: r["sha256"] for r in self.manifest["splits"][split]["shards"]}
-            checksums = {path: records[Path(path).name] for path, _ in shards}
+            checksums = {path: records[Path(path).name]["sha256"] for path, _ in shards}
         reader = _ReadShards(dict(shards), tuple(self.manifest["moments_shape"]), self.num_classes,
-                             self.cfg.on_error, self.skipped, checksums)
+                             self.cfg.on_error, self.skipped, checksums, sizes)
         return [path for path, _ in shards], reader
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:

@@ -4,12 +4,16 @@ A split of ``N`` samples in a fixed order becomes ``K = ceil(N / data.samples_pe
 shards; shard ``i`` holds samples ``[i * N // K, (i + 1) * N // K)`` and is written by rank
 ``i % world_size``, so
 ranks never write the same file and the result does not depend on the number of ranks. A
-restarted job skips shards that exist (they only appear complete, by rename) and clears its
-own stale temporary files. The manifest is written once every shard of the split is there.
+restarted job checks every shard that exists against its record (size and sha256) and keeps it
+only if both match, rewrites the missing and damaged ones and clears its own stale temporary
+files, holding a lock per (split, rank) so that two runs on one folder take turns instead of
+breaking each other. The manifest is written from the records once every shard is there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from bafm.data.manifest import RECORDS_DIR, shard_name, update_manifest
-from bafm.data.shard_writer import ShardWriter, remove_stale_temps, shard_record
+from bafm.data.shard_writer import ShardWriter, remove_stale_temps, sha256_file, shard_record
 from bafm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -123,13 +127,72 @@ def write_split(
     if job.samples_per_shard < 1:
         raise ValueError(f"data.samples_per_shard is {job.samples_per_shard}, expected at least 1.")
     job.folder.mkdir(parents=True, exist_ok=True)
+    with writer_lock(job.folder, job.split, rank):
+        _write_own_shards(job, encode, rank, world_size, progress)
+    if barrier:
+        torch.distributed.barrier()
+        if rank != 0:
+            return None
+    return _write_manifest_if_complete(job, rank)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path, split: str, rank: int) -> Iterator[None]:
+    """Exclusive lock on this rank's shards of ``split`` in ``folder``, across processes.
+
+    A second ``bafm data`` run on the same folder waits here until the first is done, then
+    finds (and verifies) the finished shards instead of writing or deleting the same files.
+    """
+    lock = Path(folder) / RECORDS_DIR / f"{split}.rank{rank}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another `bafm data` run is writing '%s' shards; waiting for it", folder, split)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def shard_matches_record(folder: Path, name: str) -> Optional[str]:
+    """None when shard ``name`` matches its ``.records/`` entry, else why not (size or sha256)."""
+    shard, record_file = Path(folder) / name, Path(folder) / RECORDS_DIR / f"{name}.json"
+    if not record_file.is_file():
+        return "no record of it"
+    try:
+        record = json.loads(record_file.read_text())
+        size, digest = int(record["bytes"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return "its record is unreadable"
+    if shard.stat().st_size != size:
+        return f"{shard.stat().st_size} bytes, the record says {size}"
+    if sha256_file(shard) != digest:
+        return "sha256 differs from the record"
+    return None
+
+
+def _write_own_shards(job: SplitJob, encode: Callable[[Sequence[int]], Iterator[MomentBatch]], rank: int,
+                      world_size: int, progress: bool) -> None:
+    """Check this rank's finished shards, then write the missing and damaged ones (under the lock)."""
     _check_plan(job)
     records_dir = job.folder / RECORDS_DIR
-    todo = [i for i in range(rank, job.num_shards, world_size) if not (job.folder / shard_name(job.split, i)).is_file()]
+    todo = []
+    for i in range(rank, job.num_shards, world_size):
+        name = shard_name(job.split, i)
+        if not (job.folder / name).is_file():
+            todo.append(i)
+            continue
+        problem = shard_matches_record(job.folder, name)
+        if problem is not None:
+            log.warning("%s: damaged (%s); rewriting it", job.folder / name, problem)
+            todo.append(i)
     remove_stale_temps(job.folder, [shard_name(job.split, i) for i in todo])
     skipped = len(range(rank, job.num_shards, world_size)) - len(todo)
     if skipped:
-        log.info("%s: %d finished shard(s) of rank %d kept", job.split, skipped, rank)
+        log.info("%s: %d finished shard(s) of rank %d checked and kept", job.split, skipped, rank)
     indices = [j for i in todo for j in job.shard_range(i)]
     bar = tqdm(total=len(indices), unit="img", desc=f"{job.split} [rank {rank}/{world_size}]",
                disable=not progress or not indices, file=sys.stderr, dynamic_ncols=True)
@@ -156,10 +219,11 @@ def write_split(
         bar.close()
         if writer is not None:
             writer.abort()
-    if barrier:
-        torch.distributed.barrier()
-        if rank != 0:
-            return None
+    return None
+
+
+def _write_manifest_if_complete(job: SplitJob, rank: int) -> Optional[Dict[str, Any]]:
+    """The split's manifest entry from the shard records, once every shard is there."""
     names = [shard_name(job.split, i) for i in range(job.num_shards)]
     if not all((job.folder / n).is_file() for n in names):
         log.info("%s: rank %d done; the manifest is written by the last rank to finish", job.split, rank)
