@@ -63,7 +63,7 @@ class BackboneConfig:
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
-    # Speed switches (bafm.models.fast.optimize_from_config); the defaults keep eager float32.
+    # Speed switches (bafm.models.fast.apply_speed_switches); the defaults keep eager float32.
     compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
     compile_mode: str = "default"  # big GEMMs are at cuBLAS speed already; autotuning costs minutes
     compile_scope: str = "blocks"  # blocks: one shared graph for the identical blocks (seconds) | model
@@ -83,7 +83,7 @@ class SideNetConfig:
     emb_dim: int = 256
     depth: int = 4
     num_heads: int = 4
-    # Speed switches (bafm.models.fast.optimize_from_config); the defaults keep eager float32.
+    # Speed switches (bafm.models.fast.apply_speed_switches); the defaults keep eager float32.
     compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
     compile_mode: str = "max-autotune-no-cudagraphs"  # small fixed-shape calls: autotuning pays off
     channels_last: bool = True  # NHWC activations: fused channel RMSNorm, copy-free attention

@@ -80,9 +80,9 @@ def test_shipped_classifier_is_accurate_and_small(repo_root):
         pytest.skip("digits classifier not trained yet (make backbone)")
     assert path.stat().st_size < 1_000_000
     cfg = load_config(str(repo_root / "experiments/digits.yaml"))
-    from bafm.data.digits import load_digits_images
+    from bafm.data.digits import digits_options, load_digits_images
 
-    images, labels = load_digits_images("val", cfg)
+    images, labels = load_digits_images("val", **digits_options(cfg))
     acc = accuracy(load_classifier(path), images, labels)
     assert acc > 0.97
     assert json.loads(sidecar_path(path).read_text())["val_accuracy"] == pytest.approx(acc, abs=1e-9)

@@ -13,11 +13,12 @@ from sklearn.datasets import load_digits
 from bafm.cli import main
 from bafm.config import load_config
 from bafm.data.datamodule import LatentDataModule
-from bafm.data.digits import digits_pixels, digits_split_indices, ensure_digits_shards, load_digits_images
+from bafm.data.digits import (digits_options, digits_pixels, digits_split_indices, ensure_digits_shards,
+                               load_digits_images)  # fmt: skip
 from bafm.data.manifest import read_manifest
 from bafm.data.npy_codec import decode_npy
 from bafm.data.shard_reader import iter_samples, open_shard
-from bafm.data.vae import build_decoder
+from bafm.data.vae import build_decoder, decoder_options
 
 
 def test_split_is_fixed_by_seed_disjoint_and_covering() -> None:
@@ -58,7 +59,7 @@ def test_bafm_data_writes_digits_shards(tmp_path: Path) -> None:
     assert counts == {"train": 1438, "val": 359} and sum(counts.values()) == 1797
     assert manifest["splits"]["train"]["num_shards"] == 3
     for split in ("train", "val"):
-        images, labels = load_digits_images(split, cfg)
+        images, labels = load_digits_images(split, **digits_options(cfg))
         samples = [s for rec in manifest["splits"][split]["shards"]
                    for s in iter_samples(open_shard(str(folder / rec["name"])), rec["name"])]
         assert len(samples) == len(labels) and all("moments_flip.npy" not in s for s in samples)
@@ -88,10 +89,10 @@ def test_ensure_digits_shards_writes_once_and_checks_settings(tmp_path: Path) ->
     dm.setup("fit")
     assert dm.latent_shape == (1, 16, 16) and dm.num_classes == 10 and dm.scaling_factor == 1.0
     batch = next(iter(dm.eval_dataloader("val", batch_size=359)))
-    images, labels = load_digits_images("val", cfg)
+    images, labels = load_digits_images("val", **digits_options(cfg))
     torch.testing.assert_close(batch["latent"], images.half().float(), rtol=0, atol=0)
     torch.testing.assert_close(batch["cls"], labels, rtol=0, atol=0)
-    decoded = build_decoder(cfg)(batch["latent"])
+    decoded = build_decoder(**decoder_options(cfg))(batch["latent"])
     torch.testing.assert_close(decoded, ((images.half().float() + 1) / 2).clamp(0, 1))
 
 

@@ -7,17 +7,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bafm.config import load_config
+from bafm.experiment import speed_switches
 from bafm.models import SideNet, build_sit
 from bafm.models.compiling import parse_precision
 from bafm.models.cuda_graphs import GraphedFunction
 from bafm.models.fallback import FallbackChain
-from bafm.models.fast import FastVelocity, optimize_for_inference, optimize_from_config, training_velocity
+from bafm.models.fast import FastVelocity, apply_speed_switches, optimize_for_inference, training_velocity
 from bafm.models.guidance import build_sampling_fns
 from bafm.models.sidenet import SideAttentionBlock, channel_rms_norm, is_channels_last
 from bafm.solvers import get_solver
@@ -288,16 +288,15 @@ def test_bad_switches_raise():
         optimize_for_inference(torch.nn.Linear(2, 2), compile=False)
 
 
-def test_optimize_from_config():
+def test_speed_switches_from_config():
     cfg = load_config(overrides=["sidenet.compile=true", "sidenet.precision=bfloat16"])
     assert cfg.sidenet.compile_mode == "max-autotune-no-cudagraphs" and cfg.backbone.compile_scope == "blocks"
-    fast = optimize_from_config(_sidenet(), cfg.sidenet)
+    fast = apply_speed_switches(_sidenet(), **speed_switches(cfg.sidenet))
     assert isinstance(fast, FastVelocity)
     assert fast.settings["dtype"] == "bfloat16" and fast.settings["compile"] and fast.settings["channels_last"]
     plain = _sit()
-    off = SimpleNamespace(compile=False, compile_mode="default", channels_last=False, cuda_graphs=False,
-                          precision="float32")  # fmt: skip
-    assert optimize_from_config(plain, off) is plain
+    assert apply_speed_switches(plain, compile=False, compile_mode="default", channels_last=False, cuda_graphs=False,
+                                precision="float32") is plain
 
 
 # Graph breaks: dynamo must trace each whole forward (cheap: eager backend).

@@ -60,22 +60,29 @@ def digits_split_indices(seed: int, val_fraction: float) -> Dict[str, np.ndarray
     return {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val])}
 
 
-def load_digits_images(split: str, cfg: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_digits_images(split: str, *, size: int, seed: int, val_fraction: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """One split of the digits, straight from scikit-learn (for training small models and
     reference statistics); the shards hold the same values rounded to float16.
 
     Args:
         split: ``"train"`` or ``"val"``.
-        cfg: experiment config; uses ``seed``, ``data.val_fraction`` and ``data.digits_size``.
+        size: image side (``data.digits_size``).
+        seed: the experiment seed, which fixes the partition.
+        val_fraction: share held out for ``val`` (``data.val_fraction``).
 
     Returns:
         ``(images, labels)``: float32 ``(N, 1, S, S)`` in ``[-1, 1]`` and int64 ``(N,)``.
     """
     if split not in SPLITS:
         raise ValueError(f"digits split '{split}' unknown, expected one of {SPLITS}.")
-    images, labels = digits_pixels(int(cfg.data.digits_size))
-    idx = torch.from_numpy(digits_split_indices(int(cfg.seed), float(cfg.data.val_fraction))[split])
+    images, labels = digits_pixels(int(size))
+    idx = torch.from_numpy(digits_split_indices(int(seed), float(val_fraction))[split])
     return images[idx], labels[idx]
+
+
+def digits_options(cfg: Any) -> Dict[str, Any]:
+    """``load_digits_images``'s keyword arguments from an experiment config."""
+    return dict(size=int(cfg.data.digits_size), seed=int(cfg.seed), val_fraction=float(cfg.data.val_fraction))
 
 
 def digits_settings(cfg: Any) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -164,23 +164,23 @@ def load_autoencoder(path: str | Path) -> AutoencoderKLCodec:
     return AutoencoderKLCodec(vae.float(), source=str(p))
 
 
-def build_decoder(cfg: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_decoder(vae_path: Optional[str], scaling_factor: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """Latents -> images for evaluation.
 
     Args:
-        cfg: the experiment config (``ExperimentConfig``); uses ``data``.
+        vae_path: a diffusers ``AutoencoderKL`` (folder or ``.safetensors``); None for pixel
+            "latents" (the embedded digits), which are only mapped from ``[-1, 1]`` to ``[0, 1]``.
+        scaling_factor: the factor the latents were multiplied by after encoding.
 
     Returns:
         ``decode(latents)``: scaled latents ``(B, C, H, W)`` float -> images ``(B, 3 or 1, H', W')``
-        in ``[0, 1]``. Digits: ``(x + 1) / 2`` clamped. Otherwise the VAE decodes
-        ``latents / scaling_factor`` (the factor from the manifest when present, else
-        ``data.vae_scaling_factor``); the VAE follows the latents' device.
+        in ``[0, 1]``. Without a VAE: ``(x + 1) / 2`` clamped. Otherwise the VAE decodes
+        ``latents / scaling_factor``; the VAE follows the latents' device.
     """
-    data = cfg.data
-    if data.source == "digits":
+    if vae_path is None:
         return lambda latents: ((latents.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
-    codec = load_autoencoder(data.vae_path)
-    scale = latent_scaling_factor(Path(data.root) / data.dataset, data.vae_scaling_factor)
+    codec = load_autoencoder(vae_path)
+    scale = float(scaling_factor)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if next(codec.parameters()).device != latents.device:
@@ -189,3 +189,14 @@ def build_decoder(cfg: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return ((images + 1.0) / 2.0).clamp_(0.0, 1.0)
 
     return decode
+
+
+def decoder_options(cfg: Any) -> Dict[str, Any]:
+    """``build_decoder``'s arguments from an experiment config: no VAE for the digits, else
+    ``data.vae_path`` and the scaling factor from the manifest when present, else
+    ``data.vae_scaling_factor``."""
+    data = cfg.data
+    if data.source == "digits":
+        return dict(vae_path=None)
+    return dict(vae_path=str(data.vae_path),
+                scaling_factor=latent_scaling_factor(Path(data.root) / data.dataset, data.vae_scaling_factor))

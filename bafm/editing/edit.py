@@ -103,7 +103,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     """
     from omegaconf import OmegaConf
 
-    from bafm.data.vae import build_decoder
+    from bafm.data.vae import build_decoder, decoder_options
     from bafm.experiment import describe_sidenet
     from bafm.io import OutputFolderError, atomic_write_bytes, atomic_write_text, check_output_folder
 
@@ -119,7 +119,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     device = _resolve_device(str(cfg.edit.device))
     backbone, sidenet = _load_models(cfg, points, device)
     inputs = load_inputs(cfg, backbone, device)
-    decode = build_decoder(cfg)
+    decode = build_decoder(**decoder_options(cfg))
     with torch.no_grad():
         reference_images = decode_batched(decode, inputs.latents, int(cfg.edit.batch_size))
         classifier = _load_classifier(cfg, reference_images, device)

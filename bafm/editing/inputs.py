@@ -202,9 +202,9 @@ def load_inputs(cfg: ExperimentConfig, backbone: nn.Module, device: torch.device
         source = torch.full((len(files),), int(ec.source_class), dtype=torch.int64)
         names = [p.relative_to(ec.image_dir).as_posix() for p in files]
         return EditInputs(latents.to(device), ((pixels + 1.0) / 2.0).clamp(0, 1).to(device), source.to(device), names)
-    from bafm.data.digits import load_digits_images
+    from bafm.data.digits import digits_options, load_digits_images
 
-    images, labels = load_digits_images("val", cfg)
+    images, labels = load_digits_images("val", **digits_options(cfg))
     idx = torch.as_tensor(list(ec.indices), dtype=torch.int64)
     latents, source = images[idx], labels[idx]
     if tuple(latents.shape[1:]) != shape:

@@ -85,14 +85,14 @@ def build_eval_inputs(
     Raises:
         SweepInputError: a needed file is missing.
     """
-    from bafm.data.vae import build_decoder
+    from bafm.data.vae import build_decoder, decoder_options
 
     check_eval_files(cfg)
     ec = cfg.eval
     extractor = build_feature_extractor(ec.feature_extractor, classifier_path=ec.classifier_path,
                                         inception_weights=ec.inception_weights, device=device)
     stats = resolve_reference_stats(cfg, extractor, device=device, batch_size=int(ec.batch_size))
-    return build_decoder(cfg), extractor, stats
+    return build_decoder(**decoder_options(cfg)), extractor, stats
 
 
 def sweep_settings(cfg: Any) -> SweepSettings:

@@ -226,9 +226,9 @@ def compute_stats(
 
 def digits_images01(cfg: Any) -> torch.Tensor:
     """All real digits (train + val) in ``[0, 1]``, ``(N, 1, H, W)``."""
-    from bafm.data.digits import load_digits_images
+    from bafm.data.digits import digits_options, load_digits_images
 
-    parts = [load_digits_images(split, cfg)[0] for split in ("train", "val")]
+    parts = [load_digits_images(split, **digits_options(cfg))[0] for split in ("train", "val")]
     return (torch.cat(parts).float() + 1.0) / 2.0
 
 

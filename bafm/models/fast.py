@@ -214,16 +214,21 @@ def optimize_for_inference(module: nn.Module, *, compile: bool, mode: str = "max
                         compile_scope=compile_scope)  # fmt: skip
 
 
-def optimize_from_config(module: nn.Module, cfg: Any) -> nn.Module:
-    """Apply a ``BackboneConfig`` / ``SideNetConfig``'s speed switches to a frozen model.
+def apply_speed_switches(module: nn.Module, *, compile: bool, compile_mode: str, channels_last: bool,
+                         cuda_graphs: bool, precision: str, compile_scope: str = "model") -> nn.Module:
+    """Apply the speed switches of a ``backbone`` / ``sidenet`` config section to a frozen model.
 
-    With every switch off (no compile, no graphs, float32) the module is returned unchanged.
+    With every switch off (no compile, no graphs, float32, contiguous) the module is returned
+    unchanged.
 
     Args:
         module: the loaded model (on its target device).
-        cfg: object with ``compile``, ``compile_mode``, ``channels_last``, ``cuda_graphs``,
-            ``precision`` and optionally ``compile_scope`` (the ``sidenet`` / ``backbone`` section of
-            the experiment config).
+        compile: ``torch.compile`` the velocity.
+        compile_mode: inductor mode, one of ``COMPILE_MODES``.
+        channels_last: NHWC activations.
+        cuda_graphs: replay CUDA graphs (CUDA only).
+        precision: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        compile_scope: ``"model"`` or ``"blocks"``.
 
     Returns:
         The module itself, or its :class:`FastVelocity` wrapper.
@@ -231,15 +236,14 @@ def optimize_from_config(module: nn.Module, cfg: Any) -> nn.Module:
     Raises:
         ValueError: a bad ``compile_mode`` or ``precision``, naming the value.
     """
-    dtype = parse_precision(str(cfg.precision))
-    if not cfg.compile and not cfg.cuda_graphs and dtype == torch.float32 and not cfg.channels_last:
+    dtype = parse_precision(str(precision))
+    if not compile and not cuda_graphs and dtype == torch.float32 and not channels_last:
         return module
     param = next(module.parameters(), None)
     keep_dtype = dtype == torch.float32 and (param is None or param.dtype == torch.float32)
-    return optimize_for_inference(module, compile=bool(cfg.compile), mode=str(cfg.compile_mode),
-                                  channels_last=bool(cfg.channels_last), dtype=None if keep_dtype else dtype,
-                                  cuda_graphs=bool(cfg.cuda_graphs),
-                                  compile_scope=str(getattr(cfg, "compile_scope", "model")))  # fmt: skip
+    return optimize_for_inference(module, compile=bool(compile), mode=str(compile_mode),
+                                  channels_last=bool(channels_last), dtype=None if keep_dtype else dtype,
+                                  cuda_graphs=bool(cuda_graphs), compile_scope=str(compile_scope))  # fmt: skip
 
 
 def training_velocity(sidenet: nn.Module, *, compile: bool, mode: str = "max-autotune-no-cudagraphs",

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bafm.config import ExperimentConfig, run_dir, to_container
-from bafm.data.digits import load_digits_images
+from bafm.data.digits import digits_options, load_digits_images
 from bafm.models.layers import drop_labels
 from bafm.models.loading import save_backbone
 from bafm.models.sit import build_sit
@@ -100,7 +100,7 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
     """
     bt = cfg.backbone_train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    images, labels = load_digits_images("train", cfg)  # (N, 1, S, S) in [-1, 1]
+    images, labels = load_digits_images("train", **digits_options(cfg))  # (N, 1, S, S) in [-1, 1]
     model = build_sit(
         cfg.backbone.arch, input_size=images.shape[-1], in_channels=images.shape[1], num_classes=10,
         depth=cfg.backbone.depth, hidden_size=cfg.backbone.hidden_size, num_heads=cfg.backbone.num_heads,

@@ -124,12 +124,12 @@ def _train(
     log_every: int,
 ) -> Tuple[DigitsClassifier, Dict[str, Any]]:
     """The training loop of ``train_classifier``."""
-    from bafm.data.digits import load_digits_images
+    from bafm.data.digits import digits_options, load_digits_images
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_train, y_train = load_digits_images("train", cfg)
-    x_val, y_val = load_digits_images("val", cfg)
+    x_train, y_train = load_digits_images("train", **digits_options(cfg))
+    x_val, y_val = load_digits_images("val", **digits_options(cfg))
     x_train, y_train = x_train.float().to(device), y_train.long().to(device)
     x_val, y_val = x_val.float().to(device), y_val.long().to(device)
     num_classes = int(max(int(y_train.max()), int(y_val.max())) + 1)
