@@ -10,7 +10,7 @@ BAFM = $(PY) -m bafm
 OUT_ARG = $(if $(OUT),--out "$(OUT)",)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data backbone train eval-nfe-sweep edit test test-slow test-gpu tensorboard bench clean
+.PHONY: help setup data backbone train eval-nfe-sweep optimize-grid edit test test-slow test-gpu tensorboard bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -38,6 +38,9 @@ train: setup ## Train the SideNet for EXP (logs, checkpoints and the exported Si
 
 eval-nfe-sweep: setup ## FID/IS/trajectory error per solver and NFE budget (OUT=<dir> to redirect)
 	$(BAFM) eval-nfe-sweep --config "$(EXP)" $(OUT_ARG) $(ARGS)
+
+optimize-grid: setup ## Search time grids per solver and NFE (JSON beside the SideNet; OUT=<file.json> to redirect)
+	$(BAFM) optimize-grid --config $(EXP) $(OUT_ARG) $(ARGS)
 
 edit: setup ## Invert images and regenerate them under another class
 	$(BAFM) edit --config "$(EXP)" $(OUT_ARG) $(ARGS)

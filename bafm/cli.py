@@ -15,6 +15,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "backbone": ("bafm.training.backbone_train", "run", "train the embedded default's backbone and classifier"),
     "train": ("bafm.training.train", "run", "train the SideNet beside the frozen backbone"),
     "eval-nfe-sweep": ("bafm.eval.sweep", "run", "FID/IS/trajectory error per solver and NFE budget"),
+    "optimize-grid": ("bafm.eval.grid_search", "run", "search time grids per solver and NFE against the reference"),
     "edit": ("bafm.editing.edit", "run", "invert images and regenerate them under another class"),
 }
 

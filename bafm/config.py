@@ -163,6 +163,8 @@ class EvalConfig:
             "ipndm": [4, 5, 6, 8, 10, 12, 16, 20],
         }
     )
+    # Adaptive solvers: one row per tolerance level (rtol = atol), reported at its measured mean NFE.
+    tolerances: Dict[str, List[float]] = field(default_factory=lambda: {"ba-adaptive": [1e-2, 3e-3, 1e-3]})
     num_samples: int = 1000
     batch_size: int = 250
     seed: int = 0  # per-sample seeds are seed + sample index
@@ -185,6 +187,20 @@ class EvalConfig:
     callback_solvers: List[str] = field(default_factory=lambda: ["ba", "euler"])
     callback_budgets: List[int] = field(default_factory=lambda: [5, 10])
     callback_num_samples: int = 500
+
+
+@dataclass
+class GridSearchConfig:
+    """``bafm optimize-grid``: grids minimising the trajectory error per solver and NFE budget."""
+
+    solvers: List[str] = field(default_factory=lambda: ["ba", "euler", "unipc", "ipndm", "dpm++2m"])
+    budgets: Dict[str, List[int]] = field(default_factory=dict)  # empty for a solver: eval.budgets up to max_nfe
+    max_nfe: int = 10
+    num_samples: int = 256  # calibration samples, seeds seed + [0, num_samples): disjoint from eval's
+    seed: int = 1_000_000
+    batch_size: int = 256
+    method: str = "nelder-mead"  # nelder-mead | powell (scipy.optimize, derivative-free)
+    max_evals: int = 150  # objective evaluations per (solver, NFE), the uniform start included
 
 
 @dataclass
@@ -240,11 +256,12 @@ class ExperimentConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backbone_train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
+    optimize_grid: GridSearchConfig = field(default_factory=GridSearchConfig)
     edit: EditConfig = field(default_factory=EditConfig)
 
 
 # Dict-valued keys whose experiment value replaces the default instead of merging into it.
-_OPEN_DICTS = {"eval.budgets", "edit.budgets"}
+_OPEN_DICTS = {"eval.budgets", "eval.tolerances", "edit.budgets", "optimize_grid.budgets"}
 
 
 def _check_keys(schema: DictConfig, given: Any, where: str, prefix: str = "") -> None:
@@ -367,6 +384,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "backbone.source": ("repa", "sit"),
         "sampling.grid": ("uniform", "shift", "optimized"),
         "eval.feature_extractor": ("classifier", "inception"),
+        "optimize_grid.method": ("nelder-mead", "powell"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

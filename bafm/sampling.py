@@ -164,11 +164,11 @@ def time_grid(
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device | str] = None,
 ) -> Tensor:
-    """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for the adaptive reference.
+    """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for adaptive solvers.
 
     Args:
         solver: solver name.
-        steps: grid intervals (ignored by the adaptive reference solver).
+        steps: grid intervals (ignored by adaptive solvers: ``reference``, ``ba-adaptive``).
         grid: grid kind, ``"uniform"`` or ``"shift"``.
         shift: time shift of ``"shift"`` grids.
         increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
@@ -179,7 +179,7 @@ def time_grid(
         Strictly monotone 1-D grid between 1 and 0; inversion and generation with the same
         arguments visit the same times, in opposite orders.
     """
-    if solver == REFERENCE:
+    if is_adaptive(solver):
         t_grid = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
     else:
         t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device)

@@ -173,9 +173,9 @@ def test_reports(flow, ref_stats, tmp_path):
                          budgets={"euler": [2, 4], "midpoint": [4]})
     paths = write_reports(rows, grids, tmp_path, title="test")
     text = paths["csv"].read_text().splitlines()
-    assert text[0] == "solver,grid,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
+    assert text[0] == "solver,grid,tol,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
     # FID-only reference statistics and no spatial features: blank sfid, precision and recall.
-    assert text[1].split(",")[5] == text[1].split(",")[7] == text[1].split(",")[8] == ""
+    assert text[1].split(",")[6] == text[1].split(",")[8] == text[1].split(",")[9] == ""
     assert len(text) == 1 + len(rows)
     back = read_csv(paths["csv"])
     assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
@@ -183,7 +183,7 @@ def test_reports(flow, ref_stats, tmp_path):
         assert b["nfe"] == r["nfe"] and b["fid"] == pytest.approx(r["fid"], rel=1e-7)
         assert b["sfid"] is b["precision"] is b["recall"] is None
     md = paths["md"].read_text()
-    assert md == markdown_table(rows) and md.startswith("| solver | grid | nfe | steps | fid | sfid | is | precision |")
+    assert md == markdown_table(rows) and md.startswith("| solver | grid | tol | nfe | steps | fid | sfid | is | precision |")
     assert [r["grid"] for r in back] == ["adaptive", "uniform", "uniform", "uniform"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
@@ -296,7 +296,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
     back = read_csv(paths["csv"])
     assert [b["recall"] for b in back] == [r["recall"] for r in rows]
     assert back[1]["sfid"] == pytest.approx(rows[1]["sfid"], rel=1e-7)
-    assert "| solver | grid | nfe | steps | fid | sfid | is | precision | recall |" in paths["md"].read_text()
+    assert "| solver | grid | tol | nfe | steps | fid | sfid | is | precision | recall |" in paths["md"].read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -331,3 +331,23 @@ def test_shift_and_optimized_grids_are_used_and_recorded(flow, ref_stats, tmp_pa
     with pytest.raises(SweepInputError, match=r"side.grids.json' has no grid for solver 'euler' at 8 NFE"):
         _sweep(ExplodingBackbone(), None, ref_stats, sampling=opt_cfg, grid_table=load_grid_table(path),
                solvers=["euler"], budgets={"euler": [8]})
+
+
+def test_adaptive_rows_report_their_measured_mean_nfe(flow, ref_stats, tmp_path):
+    side = OracleSideNet(flow)
+    rows, grids = _sweep(flow, side, ref_stats, solvers=["ba-adaptive"], budgets={},
+                         tolerances={"ba-adaptive": [1e-2, 1e-5]})
+    ref, loose, tight = rows
+    assert (loose["solver"], loose["grid"], loose["tol"], tight["tol"]) == ("ba-adaptive", "adaptive", 1e-2, 1e-5)
+    direct = generate(flow, side, "ba-adaptive", 1, torch.arange(8), seed=3, sampling=SAMPLING,
+                      rtol=1e-2, atol=1e-2)
+    assert loose["nfe"] == round(direct.mean_nfe(), 2) and direct.nfe_per_sample is not None
+    assert tight["nfe"] > loose["nfe"] and tight["traj_rmse"] < loose["traj_rmse"]
+    assert ("ba-adaptive-tol0.01", int(round(loose["nfe"]))) in grids
+    back = read_csv(write_reports(rows, grids, tmp_path)["csv"])
+    assert [(r["tol"], r["nfe"]) for r in back[1:]] == [(1e-2, loose["nfe"]), (1e-5, tight["nfe"])]
+    assert back[0]["tol"] is None and isinstance(back[0]["nfe"], int)
+    with pytest.raises(SweepInputError, match=r"set eval.tolerances.ba-adaptive=\[...\]"):
+        plan_sweep(["ba-adaptive"], {}, sidenet_available=True)
+    with pytest.raises(SweepInputError, match="tolerance -1 is not a positive number"):
+        plan_sweep(["ba-adaptive"], {}, sidenet_available=True, tolerances={"ba-adaptive": [-1]})

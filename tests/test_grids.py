@@ -90,7 +90,7 @@ def test_reference_has_no_fixed_budget():
 
 
 def test_unknown_solver_lists_valid_names():
-    valid = "Valid solvers: euler, heun, midpoint, rk4, ab2, dpm\\+\\+2m, ipndm, unipc, ba, ba-single, reference"
+    valid = "Valid solvers: euler, heun, midpoint, rk4, ab2, dpm\\+\\+2m, ipndm, unipc, ba, ba-single, ba-adaptive, reference"
     with pytest.raises(ValueError, match=valid):
         get_solver("eulr")
     with pytest.raises(ValueError, match="Did you mean 'euler'"):

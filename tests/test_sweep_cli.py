@@ -33,7 +33,7 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert main(_args(repo_root, tiny, tmp_path, "eval.save_npz=true")) == 0
     out = tmp_path / "out"
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert header == "solver,grid,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
+    assert header == "solver,grid,tol,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
     rows = read_csv(out / "results.csv")
     assert [(r["solver"], r["nfe"], r["steps"]) for r in rows[1:]] == [("ba", 3, 3), ("euler", 2, 2), ("euler", 4, 4)]
     assert rows[0]["solver"] == "reference" and rows[0]["traj_rmse"] == 0.0

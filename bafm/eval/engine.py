@@ -33,6 +33,7 @@ from bafm.eval.plan import (COLUMNS, Grids, Row, SampleSink, SweepInputError, Sw
                             check_optimized_grids, partition, plan_sweep)  # fmt: skip
 from bafm.eval.points import ReferenceCache, SweepContext, reduce_point, run_point
 from bafm.sampling import REFERENCE, latent_shape
+from bafm.solvers import SOLVERS
 from bafm.solvers.grid_store import GridTable
 
 __all__ = ["COLUMNS", "ReferenceCache", "Row", "SweepEngine", "SweepInputError", "SweepPoint", "SweepResult",
@@ -56,6 +57,7 @@ def evaluate_sweep(
     sample_sink: Optional[SampleSink] = None,
     shape: Optional[Sequence[int]] = None,
     grid_table: Optional[GridTable] = None,
+    tolerances: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> Tuple[List[Row], Grids]:
     """Sample, decode and score every (solver, budget); the reference solver first.
 
@@ -77,6 +79,8 @@ def evaluate_sweep(
         sample_sink: called on rank 0 with each point's samples as uint8 ``(N, H, W, C)``.
         shape: latent shape ``(C, H, W)``; read from the backbone when None.
         grid_table: the optimized grids, required when ``settings.sampling.grid`` is ``"optimized"``.
+        tolerances: tolerance levels per adaptive solver (see ``plan_sweep``); their rows report
+            the measured mean NFE per sample.
 
     Returns:
         ``(rows, grids)``. ``rows`` (every rank): dicts with the keys of ``COLUMNS``, the reference
@@ -87,7 +91,8 @@ def evaluate_sweep(
         SweepInputError: bad solvers, budgets or missing SideNet, raised before any sampling.
     """
     st = settings
-    points = plan_sweep(solvers, budgets, sidenet_available=sidenet is not None, sidenet_hint=st.sidenet_hint)
+    points = plan_sweep(solvers, budgets, sidenet_available=sidenet is not None, sidenet_hint=st.sidenet_hint,
+                        tolerances=tolerances)
     if st.sampling.grid == "optimized":
         check_optimized_grids(points, grid_table)
     include_reference = st.include_reference or REFERENCE in solvers
@@ -125,7 +130,7 @@ def evaluate_sweep(
     try:
         for point in todo:
             if bar is not None:
-                bar.set_description(point.solver + (f" @ {point.nfe} NFE" if point.solver != REFERENCE else ""))
+                bar.set_description(point.label + (f" @ {point.nfe} NFE" if point.nfe else ""))
             # The adaptive reference shares one step size per solve: it always solves whole groups.
             local_results = run_point(point, groups if point.solver == REFERENCE else batches, ctx)
             row, grid, uint8 = reduce_point(point, local_results, ctx)
@@ -133,13 +138,14 @@ def evaluate_sweep(
             if rank != 0:
                 continue
             # A fixed-step point keeps its requested budget as key; the reference its counted NFE.
-            nfe = row["nfe"] if point.solver == REFERENCE else point.nfe
-            if point.solver != REFERENCE and row["nfe"] != point.nfe:
+            adaptive = SOLVERS[point.solver].nfe_per_step is None
+            nfe = int(round(row["nfe"])) if adaptive else point.nfe
+            if not adaptive and row["nfe"] != point.nfe:
                 warnings.warn(f"{point.solver}: {point.nfe} NFE requested, {row['nfe']} counted.", stacklevel=2)
             if grid is not None:
-                grids[(point.solver, nfe)] = grid
+                grids[(point.label, nfe)] = grid
             if sample_sink is not None and uint8 is not None:
-                sample_sink(point.solver, nfe, uint8)
+                sample_sink(point.label, nfe, uint8)
     finally:
         if bar is not None:
             bar.close()
@@ -192,6 +198,7 @@ class SweepEngine:
         device: torch.device | str,
         progress: bool = True,
         sample_sink: Optional[SampleSink] = None,
+        tolerances: Optional[Mapping[str, Sequence[float]]] = None,
     ) -> SweepResult:
         """One sweep; the reference solutions are reused from earlier runs.
 
@@ -204,6 +211,7 @@ class SweepEngine:
             device: sampling device.
             progress: tqdm bar on rank 0.
             sample_sink: see ``evaluate_sweep``.
+            tolerances: tolerance levels per adaptive solver (see ``plan_sweep``).
 
         Returns:
             ``SweepResult`` (rows on every rank, grids on rank 0).
@@ -212,6 +220,6 @@ class SweepEngine:
             backbone, sidenet, solvers=solvers, budgets=budgets, num_samples=num_samples, settings=self.settings,
             decoder=self.decoder, feature_extractor=self.feature_extractor, reference_stats=self.reference_stats,
             device=device, reference_cache=self.reference_cache, progress=progress, sample_sink=sample_sink,
-            grid_table=self.grid_table,
+            grid_table=self.grid_table, tolerances=tolerances,
         )
         return SweepResult(rows, grids)

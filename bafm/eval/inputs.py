@@ -45,7 +45,7 @@ def check_eval_files(cfg: Any) -> None:
 
 
 def check_sweep_inputs(
-    cfg: Any, solvers: Sequence[str], budgets: Any, *, need_backbone: bool = True
+    cfg: Any, solvers: Sequence[str], budgets: Any, *, need_backbone: bool = True, tolerances: Any = None
 ) -> List[SweepPoint]:
     """Every check that can fail before a sweep starts, in the order a user would fix them.
 
@@ -54,6 +54,7 @@ def check_sweep_inputs(
         solvers: solver names to sweep.
         budgets: NFE budgets (per solver or one list).
         need_backbone: also require ``backbone.path`` (the CLI loads it; the callback has it).
+        tolerances: tolerance levels per adaptive solver (``eval.tolerances``).
 
     Returns:
         The sweep points.
@@ -63,7 +64,8 @@ def check_sweep_inputs(
             classifier / Inception weights / reference / VAE.
     """
     side = sidenet_path(cfg)
-    points = plan_sweep(solvers, budgets, sidenet_available=side.is_file(), sidenet_hint=str(side))
+    points = plan_sweep(solvers, budgets, sidenet_available=side.is_file(), sidenet_hint=str(side),
+                        tolerances=tolerances)
     if need_backbone and missing_backbone(cfg):
         raise SweepInputError(missing_backbone(cfg))
     check_eval_files(cfg)

@@ -18,7 +18,7 @@ from bafm.solvers.grid_store import GridTable
 from bafm.solvers.grids import steps_for_nfe
 
 # sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
-COLUMNS = ("solver", "grid", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds",
+COLUMNS = ("solver", "grid", "tol", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds",
            "n_samples")
 Row = Dict[str, Any]
 Grids = Dict[Tuple[str, int], Tensor]
@@ -28,11 +28,18 @@ SampleSink = Callable[[str, int, Tensor], None]
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One row of the sweep: a solver at a budget (``steps`` grid intervals)."""
+    """One row of the sweep: a solver at a budget (``steps`` grid intervals), or an adaptive
+    solver at a tolerance (``nfe`` and ``steps`` 0: they are measured)."""
 
     solver: str
     nfe: int
     steps: int
+    tol: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        """``solver``, or ``solver-tol<tol>`` for a tolerance level (image grids, progress bar)."""
+        return self.solver if self.tol is None else f"{self.solver}-tol{self.tol:g}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ def plan_sweep(
     *,
     sidenet_available: bool,
     sidenet_hint: str = "",
+    tolerances: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> List[SweepPoint]:
     """Check solver names, budgets and the SideNet, and list the sweep points.
 
@@ -102,6 +110,8 @@ def plan_sweep(
         budgets: NFE budgets per solver (``{"euler": [5, 10]}``) or one list for all.
         sidenet_available: whether a SideNet is loaded or its file exists.
         sidenet_hint: the SideNet checkpoint path expected, for the error message.
+        tolerances: tolerance levels per adaptive solver (``{"ba-adaptive": [1e-2, 1e-3]}``); each
+            level is one point solved with ``rtol = atol = level``.
 
     Returns:
         The sweep points in the order given.
@@ -126,6 +136,15 @@ def plan_sweep(
                 "at one, or drop "
                 f"'{name}' from eval.solvers."
             )
+        if SOLVERS[name].nfe_per_step is None:
+            levels = (tolerances or {}).get(name)
+            if not levels:
+                raise SweepInputError(f"no tolerances for adaptive solver '{name}': set eval.tolerances.{name}=[...].")
+            for tol in levels:
+                if isinstance(tol, bool) or not float(tol) > 0:
+                    raise SweepInputError(f"eval.tolerances.{name}: tolerance {tol!r} is not a positive number.")
+                points.append(SweepPoint(name, 0, 0, tol=float(tol)))
+            continue
         if isinstance(budgets, Mapping):
             if name not in budgets:
                 raise SweepInputError(f"no NFE budgets for solver '{name}': set eval.budgets.{name}=[...].")

@@ -37,8 +37,9 @@ def read_csv(path: str | Path) -> List[Dict[str, Any]]:
     with open(path, newline="") as f:
         for rec in csv.DictReader(f):
             row: Dict[str, Any] = {"solver": rec["solver"], "grid": rec.get("grid", "uniform")}
+            row["tol"] = float(rec["tol"]) if rec.get("tol") else None
             for c in ("nfe", "steps", "n_samples"):
-                row[c] = int(rec[c])
+                row[c] = int(rec[c]) if rec[c].isdigit() else float(rec[c])  # adaptive rows: mean NFE
             for c in METRIC_COLUMNS:
                 if c in rec:
                     row[c] = float(rec[c]) if rec[c] != "" else None

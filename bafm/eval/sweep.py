@@ -55,7 +55,8 @@ def sweep(
     ec = cfg.eval
     solvers = list(ec.solvers)
     budgets = {k: list(v) for k, v in ec.budgets.items()}
-    check_sweep_inputs(cfg, solvers, budgets)
+    tolerances = {k: [float(t) for t in v] for k, v in ec.tolerances.items()}
+    check_sweep_inputs(cfg, solvers, budgets, tolerances=tolerances)
     try:
         check_output_folder(output_dir(cfg, out))  # before sampling, not after
     except OutputFolderError as err:
@@ -75,7 +76,8 @@ def sweep(
         backbone, sidenet = load_models(cfg, solvers, device)
         sink = NpzSampleWriter(dest / "samples") if ec.save_npz else None
         with torch.no_grad():
-            result = engine.run(backbone, sidenet, solvers=solvers, budgets=budgets, num_samples=int(ec.num_samples),
+            result = engine.run(backbone, sidenet, solvers=solvers, budgets=budgets, tolerances=tolerances,
+                                num_samples=int(ec.num_samples),
                                 device=device, progress=progress, sample_sink=sink)
         if rank == 0:
             write_reports(result.rows, result.grids, dest, title=f"{cfg.name}: FID vs NFE")

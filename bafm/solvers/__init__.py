@@ -2,7 +2,7 @@
 
 ``get_solver(name)(velocity_fn, x, t_grid, **options) -> SolveResult``. Each registered solver
 carries ``order``, ``nfe_per_step`` (None if adaptive) and ``uses_side_fn`` (True for the SideNet
-solvers ``ba`` and ``ba-single``, which require ``side_fn=``).
+solvers ``ba``, ``ba-single`` and ``ba-adaptive``, which require ``side_fn=``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 
 # Importing the solver modules registers them, in this (listing) order.
-from bafm.solvers import fixed_step, multistep, unipc, bi_anchor, reference  # noqa: F401,I001
+from bafm.solvers import fixed_step, multistep, unipc, bi_anchor, adaptive, reference  # noqa: F401,I001
 from bafm.solvers.base import SOLVERS, SideFn, Solver, SolveResult, VelocityFn
 from bafm.solvers.counting import CallCounter, probe
 
@@ -22,7 +22,8 @@ def get_solver(name: str) -> Solver:
 
     Args:
         name: a key of ``SOLVERS`` (``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"ab2"``,
-            ``"dpm++2m"``, ``"ipndm"``, ``"unipc"``, ``"ba"``, ``"ba-single"``, ``"reference"``).
+            ``"dpm++2m"``, ``"ipndm"``, ``"unipc"``, ``"ba"``, ``"ba-single"``, ``"ba-adaptive"``,
+            ``"reference"``).
 
     Returns:
         The solver function.

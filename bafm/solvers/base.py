@@ -32,13 +32,22 @@ class SolveResult:
         nfe: backbone calls made (counted by wrapping ``velocity_fn``; a CFG call on a doubled
             batch counts once).
         side_calls: SideNet calls made (a batched multi-node probe counts once).
-        steps: grid intervals integrated (``len(t_grid) - 1``).
+        steps: grid intervals integrated (``len(t_grid) - 1``; adaptive solvers: steps taken).
+        nfe_per_sample: int64 ``(B,)`` backbone calls each sample took part in, for solvers whose
+            samples finish at different times (``ba-adaptive``); None when every sample took ``nfe``.
     """
 
     x: Tensor
     nfe: int
     side_calls: int = 0
     steps: int = 0
+    nfe_per_sample: Optional[Tensor] = None
+
+    def mean_nfe(self) -> float:
+        """Mean backbone calls per sample (``nfe`` unless ``nfe_per_sample`` says otherwise)."""
+        if self.nfe_per_sample is None:
+            return float(self.nfe)
+        return float(self.nfe_per_sample.double().mean())
 
 
 # name -> solver; each solver also carries ``order``, ``nfe_per_step``, ``uses_side_fn``.

@@ -1,0 +1,260 @@
+"""``bafm optimize-grid``: time grids that minimise the trajectory error, per solver and NFE budget.
+
+For every requested solver and budget, the interior times of the grid are searched so that the
+mean over a calibration set of the RMS distance between the solver's sample and the
+``reference`` solver's sample from the same noise and label (the sweep's ``traj_rmse``) is
+smallest. The calibration set is ``optimize_grid.num_samples`` samples with per-sample seeds
+``optimize_grid.seed + i``, which must not overlap the evaluation seeds
+``eval.seed + [0, eval.num_samples)``.
+
+Search: derivative-free (``scipy.optimize.minimize``, Nelder-Mead by default, or Powell) over
+``theta`` in ``R^(N-1)`` with ``t_k = 1 - sum_{j<=k} softmax([theta, 0])_j``, so every candidate is
+a valid grid (strictly decreasing, exactly 1 and 0 at the ends); it starts from the uniform grid
+(``theta = 0``) and keeps the best grid seen, which is never worse than uniform on the
+calibration set. The solvers take grids as plain floats (``check_grid``), so no gradient flows
+through them; a derivative-free search tunes exactly the registered solvers.
+
+Grids are written, with the seeds, the objective and the search settings, to the JSON beside the
+SideNet in use (``bafm.config.grid_file_path``) or ``--out``, merged into the grids already there.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bafm.config import ExperimentConfig, grid_file_path, sampling_settings, sidenet_path
+from bafm.sampling import (REFERENCE, SamplingSettings, latent_shape, sample_labels, sample_noise, solve_batch,
+                           uses_side_fn)
+from bafm.solvers import SOLVERS
+from bafm.solvers.grid_store import load_grid_table, save_grid_table
+from bafm.solvers.grids import steps_for_nfe, uniform_grid
+
+SEARCH_METHODS = ("nelder-mead", "powell")
+OBJECTIVE = "mean over calibration samples of the RMS latent distance to the reference solver's sample (traj_rmse)"
+
+
+class GridSearchError(ValueError):
+    """Bad optimize-grid input, detected before any sampling."""
+
+
+def grid_from_params(theta: np.ndarray) -> List[float]:
+    """``[1, t_1, ..., t_{N-1}, 0]`` from ``N - 1`` free parameters (softmax of the step sizes)."""
+    logits = np.concatenate([np.asarray(theta, dtype=np.float64), [0.0]])
+    weights = np.exp(logits - logits.max())
+    weights /= weights.sum()
+    interior = 1.0 - np.cumsum(weights)[:-1]
+    return [1.0] + [float(t) for t in interior] + [0.0]
+
+
+def params_from_grid(grid: Sequence[float]) -> np.ndarray:
+    """Inverse of ``grid_from_params``."""
+    steps = -np.diff(np.asarray(grid, dtype=np.float64))
+    return np.log(steps[:-1]) - np.log(steps[-1])
+
+
+class Calibration:
+    """Fixed calibration noise, labels and reference samples; scores a (solver, grid).
+
+    Args:
+        backbone: frozen backbone (``velocity``, ``num_classes``).
+        sidenet: SideNet or None.
+        sampling: guidance settings (the grid is the one being scored).
+        indices: calibration sample indices (seeds are ``seed + index``).
+        seed: base seed.
+        device: sampling device.
+        batch_size: samples per solve.
+        reference_options: ``rtol``/``atol`` of the reference solver.
+        reference_group: samples per reference solve (as in the sweep).
+    """
+
+    def __init__(self, backbone: nn.Module, sidenet: Optional[nn.Module], sampling: SamplingSettings, indices: Tensor,
+                 seed: int, device: torch.device, batch_size: int, reference_options: Dict[str, float],
+                 reference_group: int) -> None:
+        self.backbone, self.sidenet, self.sampling, self.device = backbone, sidenet, sampling, device
+        shape = latent_shape(backbone)
+        self.batches: List[Tuple[Tensor, Tensor]] = []
+        for idx in indices.split(batch_size):
+            self.batches.append((sample_noise(idx, shape, seed, device=device),
+                                 sample_labels(idx, int(backbone.num_classes), device=device)))
+        refs = []
+        for idx in indices.split(reference_group):
+            noise = sample_noise(idx, shape, seed, device=device)
+            labels = sample_labels(idx, int(backbone.num_classes), device=device)
+            refs.append(solve_batch(backbone, None, REFERENCE, 1, noise, labels, sampling, **reference_options).x)
+        self.reference = torch.cat(refs).double()
+        self.backbone_calls = 0  # batched backbone calls spent by ``error``
+
+    @torch.no_grad()
+    def error(self, solver: str, grid: Sequence[float]) -> float:
+        """Mean over samples of the RMS distance to the reference sample."""
+        t_grid = torch.tensor(grid, dtype=torch.float64, device=self.device)
+        total, start = 0.0, 0
+        for noise, labels in self.batches:
+            res = solve_batch(self.backbone, self.sidenet, solver, len(grid) - 1, noise, labels, self.sampling,
+                              t_grid=t_grid)
+            self.backbone_calls += res.nfe
+            ref = self.reference[start : start + noise.shape[0]]
+            total += float((res.x.double() - ref).flatten(1).pow(2).mean(dim=1).sqrt().sum())
+            start += noise.shape[0]
+        value = total / start
+        return value if math.isfinite(value) else math.inf
+
+
+def search_grid(calibration: Calibration, solver: str, nfe: int, method: str, max_evals: int) -> Dict[str, Any]:
+    """Search one solver's grid at one budget.
+
+    Returns:
+        ``{"grid", "uniform", "optimized", "evals", "seconds", "backbone_calls"}``: the best grid,
+        the objective on the uniform grid and on the best one, and the search's cost.
+    """
+    from scipy.optimize import minimize
+
+    steps = steps_for_nfe(solver, nfe)
+    uniform = uniform_grid(steps, dtype=torch.float64).tolist()
+    calls_before, started = calibration.backbone_calls, time.perf_counter()
+    best = {"grid": uniform, "value": calibration.error(solver, uniform)}
+    uniform_value, evals = best["value"], 1
+
+    def objective(theta: np.ndarray) -> float:
+        nonlocal evals
+        grid = grid_from_params(theta)
+        if any(b >= a for a, b in zip(grid[:-1], grid[1:])):  # collapsed steps: not a grid
+            return math.inf
+        evals += 1
+        value = calibration.error(solver, grid)
+        if value < best["value"]:
+            best.update(grid=grid, value=value)
+        return value
+
+    if steps > 1 and max_evals > 1:
+        x0 = np.zeros(steps - 1)
+        if method == "nelder-mead":
+            simplex = np.vstack([x0] + [x0 + 0.5 * np.eye(steps - 1)[i] for i in range(steps - 1)])
+            minimize(objective, x0, method="Nelder-Mead",
+                     options={"maxfev": max_evals - 1, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
+        else:
+            minimize(objective, x0, method="Powell", options={"maxfev": max_evals - 1, "xtol": 1e-3, "ftol": 1e-6})
+    return {"grid": best["grid"], "uniform": uniform_value, "optimized": best["value"], "evals": evals,
+            "seconds": time.perf_counter() - started, "backbone_calls": calibration.backbone_calls - calls_before}
+
+
+def plan_search(cfg: ExperimentConfig) -> List[Tuple[str, int]]:
+    """The (solver, NFE) pairs to search, checked before anything is loaded.
+
+    Raises:
+        GridSearchError: unknown or adaptive solver, infeasible budget, bad method, calibration
+            seeds overlapping the evaluation seeds.
+    """
+    oc, ec = cfg.optimize_grid, cfg.eval
+    if oc.method not in SEARCH_METHODS:
+        raise GridSearchError(f"optimize_grid.method is '{oc.method}', expected one of: {', '.join(SEARCH_METHODS)}.")
+    lo, hi = int(oc.seed), int(oc.seed) + int(oc.num_samples)
+    if lo < int(ec.seed) + int(ec.num_samples) and int(ec.seed) < hi:
+        raise GridSearchError(
+            f"calibration seeds [{lo}, {hi}) (optimize_grid.seed, optimize_grid.num_samples) overlap the evaluation "
+            f"seeds [{ec.seed}, {int(ec.seed) + int(ec.num_samples)}) (eval.seed, eval.num_samples); pick another "
+            "optimize_grid.seed."
+        )
+    pairs = []
+    for solver in oc.solvers:
+        if solver not in SOLVERS or SOLVERS[solver].nfe_per_step is None:
+            fixed = [s for s in SOLVERS if SOLVERS[s].nfe_per_step is not None]
+            raise GridSearchError(f"optimize_grid.solvers: '{solver}' is not a fixed-grid solver; one of: {', '.join(fixed)}.")
+        budgets = oc.budgets.get(solver) if solver in oc.budgets else [
+            n for n in ec.budgets.get(solver, []) if n <= int(oc.max_nfe)]
+        if not budgets:
+            raise GridSearchError(f"no budgets to search for '{solver}': set optimize_grid.budgets.{solver}=[...] "
+                                  f"(or eval.budgets.{solver} with entries <= optimize_grid.max_nfe).")
+        for nfe in budgets:
+            try:
+                steps_for_nfe(solver, int(nfe))
+            except ValueError as err:
+                raise GridSearchError(f"optimize_grid budgets for '{solver}': {err}") from None
+            pairs.append((solver, int(nfe)))
+    return pairs
+
+
+def output_path(cfg: ExperimentConfig, out: Optional[str]) -> Path:
+    """``--out`` (a ``.json`` file, or a folder for ``<sidenet stem>.grids.json``), else beside the SideNet."""
+    default = grid_file_path(cfg)
+    if not out:
+        return default
+    return Path(out) if str(out).endswith(".json") else Path(out) / default.name
+
+
+def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress: bool = True) -> Path:
+    """Search every requested (solver, NFE) grid and write them (see the module docstring).
+
+    Returns:
+        The JSON file written.
+
+    Raises:
+        GridSearchError: bad input (before any model is loaded).
+    """
+    from bafm.experiment import load_models
+
+    pairs = plan_search(cfg)
+    oc, ec = cfg.optimize_grid, cfg.eval
+    solvers = sorted({s for s, _ in pairs})
+    side = sidenet_path(cfg)
+    if any(uses_side_fn(s) for s in solvers) and not side.is_file():
+        raise GridSearchError(f"a SideNet solver is requested but no SideNet is at '{side}'; train one with `make train`.")
+    if not Path(cfg.backbone.path).is_file():
+        raise GridSearchError(f"backbone checkpoint '{cfg.backbone.path}' not found.")
+    dest = output_path(cfg, out)
+    name = str(ec.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    backbone, sidenet = load_models(cfg, solvers, device)
+    indices = torch.arange(int(oc.num_samples), dtype=torch.int64)
+    started = time.perf_counter()
+    calibration = Calibration(backbone, sidenet, sampling_settings(cfg), indices, int(oc.seed), device, int(oc.batch_size),
+                              {"rtol": float(ec.reference_rtol), "atol": float(ec.reference_atol)},
+                              int(ec.reference_batch_size))
+    reference_seconds = time.perf_counter() - started
+    previous = load_grid_table(dest) if dest.is_file() else None
+    grids = dict(previous.grids) if previous else {}
+    results: Dict[str, Dict[str, Any]] = dict(previous.meta.get("results", {})) if previous else {}
+    for solver, nfe in pairs:
+        found = search_grid(calibration, solver, nfe, str(oc.method), int(oc.max_evals))
+        grids[(solver, nfe)] = found.pop("grid")
+        results.setdefault(solver, {})[str(nfe)] = found
+        if progress:
+            print(f"{solver} @ {nfe} NFE: traj_rmse {found['uniform']:.5g} (uniform) -> {found['optimized']:.5g} "
+                  f"({found['evals']} evaluations, {found['seconds']:.1f} s)", file=sys.stderr)
+    meta = {
+        "objective": {"metric": OBJECTIVE, "reference": {"solver": REFERENCE, "rtol": float(ec.reference_rtol),
+                                                         "atol": float(ec.reference_atol)}},
+        "calibration": {"seed": int(oc.seed), "num_samples": int(oc.num_samples),
+                        "seeds": [int(oc.seed), int(oc.seed) + int(oc.num_samples) - 1],
+                        "labels": "index % num_classes", "cfg_scale": float(cfg.sampling.cfg_scale),
+                        "guidance_interval": [float(v) for v in cfg.sampling.guidance_interval],
+                        "reference_seconds": reference_seconds},
+        "search": {"method": str(oc.method), "max_evals": int(oc.max_evals), "start": "uniform",
+                   "parameters": "t_k = 1 - cumsum(softmax([theta, 0]))_k, theta in R^(steps - 1)"},
+        "models": {"backbone": str(cfg.backbone.path), "sidenet": str(side)},
+        "results": results,
+    }
+    return save_grid_table(dest, grids, meta)
+
+
+def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
+    """CLI entry (``bafm optimize-grid --config X [--out FILE_OR_DIR] [overrides]``).
+
+    Returns:
+        0 on success, 2 on bad input (message on stderr, nothing sampled).
+    """
+    try:
+        path = optimize_grids(cfg, out)
+    except GridSearchError as err:
+        print(f"bafm optimize-grid: {err}", file=sys.stderr)
+        return 2
+    print(f"grids: {path}")
+    return 0

@@ -1,0 +1,112 @@
+"""``bafm optimize-grid``: grid parameterisation, the search, the JSON beside the SideNet, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import numpy as np
+import pytest
+import torch
+
+from bafm.cli import main
+from bafm.eval.grid_search import Calibration, grid_from_params, params_from_grid, search_grid
+from bafm.eval.report import read_csv
+from bafm.models.analytic import GaussianMixtureFlow
+from bafm.sampling import SamplingSettings
+from bafm.solvers.grid_store import load_grid_table
+
+SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
+
+
+def test_every_parameter_vector_is_a_valid_grid_and_the_map_inverts():
+    rng = np.random.default_rng(0)
+    for steps in (2, 3, 6):
+        for _ in range(20):
+            theta = rng.normal(scale=2.0, size=steps - 1)
+            grid = grid_from_params(theta)
+            assert len(grid) == steps + 1 and grid[0] == 1.0 and grid[-1] == 0.0
+            assert all(b < a for a, b in zip(grid[:-1], grid[1:]))
+            np.testing.assert_allclose(params_from_grid(grid), theta, rtol=0, atol=1e-9)
+    assert grid_from_params(np.zeros(3)) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-15)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    flow = GaussianMixtureFlow.random((1, 2, 2), num_classes=2, components_per_class=1, std=0.3,
+                                      generator=torch.Generator().manual_seed(0))
+    return Calibration(flow, None, SAMPLING, torch.arange(16), seed=7, device=torch.device("cpu"), batch_size=8,
+                       reference_options={"rtol": 1e-8, "atol": 1e-8}, reference_group=8)
+
+
+def test_search_lowers_the_calibration_error_and_reports_it_exactly(calibration):
+    found = search_grid(calibration, "euler", 4, "nelder-mead", max_evals=60)
+    assert found["optimized"] < 0.8 * found["uniform"], found
+    assert found["optimized"] == pytest.approx(calibration.error("euler", found["grid"]), rel=1e-12)
+    assert found["uniform"] == pytest.approx(calibration.error("euler", [1.0, 0.75, 0.5, 0.25, 0.0]), rel=1e-12)
+    assert 1 < found["evals"] <= 60 and found["backbone_calls"] == 4 * 2 * found["evals"]  # 2 batches of 8
+    powell = search_grid(calibration, "euler", 4, "powell", max_evals=60)
+    assert powell["optimized"] < powell["uniform"] and powell["evals"] <= 60
+    # One step has no interior time: nothing to search.
+    one = search_grid(calibration, "euler", 1, "nelder-mead", max_evals=60)
+    assert one["grid"] == [1.0, 0.0] and one["evals"] == 1 and one["optimized"] == one["uniform"]
+
+
+def _args(repo_root, tiny, side, tmp_path, command="optimize-grid", *extra, out=None):
+    return [
+        command, *(["--out", str(out)] if out else []), "--config", str(repo_root / "experiments/digits.yaml"),
+        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
+        "backbone.num_heads=2", f"sidenet.path={side}", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
+        f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "eval.device=cpu",
+        "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.reference_batch_size=6",
+        "optimize_grid.solvers=[euler,ba]", "optimize_grid.budgets={euler: [3], ba: [2]}",
+        "optimize_grid.num_samples=6", "optimize_grid.batch_size=6", "optimize_grid.max_evals=8", *extra,
+    ]
+
+
+def test_cli_writes_grids_beside_the_sidenet_and_the_sweep_uses_them(repo_root, tiny, tmp_path, capsys):
+    side = tmp_path / "ckpt" / "sidenet.safetensors"
+    side.parent.mkdir()
+    shutil.copy(tiny / "sidenet.safetensors", side)
+    assert main(_args(repo_root, tiny, side, tmp_path)) == 0
+    path = tmp_path / "ckpt" / "sidenet.grids.json"
+    assert capsys.readouterr().out.strip() == f"grids: {path}"
+    table = load_grid_table(path)
+    assert sorted(table.grids) == [("ba", 2), ("euler", 3)]
+    meta = table.meta
+    assert meta["calibration"]["seeds"] == [1_000_000, 1_000_005] and meta["search"]["method"] == "nelder-mead"
+    assert meta["models"]["sidenet"] == str(side) and "traj_rmse" in meta["objective"]["metric"]
+    for solver, nfe in table.grids:
+        result = meta["results"][solver][str(nfe)]
+        assert result["optimized"] <= result["uniform"] and 1 <= result["evals"] <= 8
+    # The sweep samples on them and says so; a missing (solver, NFE) is a one-line error naming the file.
+    sweep = ["eval.num_samples=6", "eval.batch_size=6", "eval.grid_images=4", "sampling.grid=optimized",
+             "eval.solvers=[euler,ba]", "eval.budgets={euler: [3], ba: [2]}"]
+    assert main(_args(repo_root, tiny, side, tmp_path, "eval-nfe-sweep", *sweep, out=tmp_path / "sweep")) == 0
+    rows = read_csv(tmp_path / "sweep" / "results.csv")
+    assert [(r["solver"], r["grid"], r["nfe"]) for r in rows] == [
+        ("reference", "adaptive", rows[0]["nfe"]), ("euler", "optimized", 3), ("ba", "optimized", 2)]
+    capsys.readouterr()
+    assert main(_args(repo_root, tiny, side, tmp_path, "eval-nfe-sweep", *sweep, "eval.budgets={euler: [4], ba: [2]}",
+                      out=tmp_path / "sweep2")) == 2
+    assert f"'{path}' has no grid for solver 'euler' at 4 NFE" in capsys.readouterr().err
+    # A second search merges into the file; --out redirects it.
+    assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
+                      "optimize_grid.budgets={euler: [2]}")) == 0
+    assert sorted(load_grid_table(path).grids) == [("ba", 2), ("euler", 2), ("euler", 3)]
+    other = tmp_path / "elsewhere.json"
+    assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
+                      "optimize_grid.budgets={euler: [2]}", out=other)) == 0
+    assert sorted(load_grid_table(other).grids) == [("euler", 2)]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["optimize_grid.seed=0"], "overlap the evaluation seeds [0, 1000)"),
+        (["optimize_grid.solvers=[reference]"], "'reference' is not a fixed-grid solver"),
+        (["optimize_grid.budgets={heun: [3]}", "optimize_grid.solvers=[heun]"], "nearest: 2 or 4"),
+        (["optimize_grid.solvers=[rk4]", "optimize_grid.budgets={}"], "no budgets to search for 'rk4'"),
+    ],
+)
+def test_bad_input_fails_before_sampling(repo_root, tiny, tmp_path, capsys, extra, message):
+    assert main(_args(repo_root, tiny, tmp_path / "none.safetensors", tmp_path, "optimize-grid", *extra)) == 2
+    assert message in capsys.readouterr().err
