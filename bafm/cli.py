@@ -56,8 +56,8 @@ def user_errors() -> Tuple[type, ...]:
     non-finite training loss and a missing file. Anything else is a bug and keeps its traceback.
     """
     from bafm.data.manifest import ShardError
-    from bafm.editing.edit import EditInputError
-    from bafm.eval.engine import SweepInputError
+    from bafm.editing.inputs import EditInputError
+    from bafm.eval.plan import SweepInputError
     from bafm.io import OutputFolderError
     from bafm.models.checkpoint_io import CheckpointError
     from bafm.training.checkpoints import RunFolderError

@@ -83,11 +83,11 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
 
     ckpt_dir = training_checkpoint_dir(cfg)
     # Before any work: a run resumes only when asked, and never mixes with an earlier run.
+    if missing_backbone(cfg):
+        raise FileNotFoundError(missing_backbone(cfg))
     resume = resolve_resume(cfg.trainer.resume, ckpt_dir)
     if resume is None and not cfg.trainer.fast_dev_run:
         check_fresh_run_folder(ckpt_dir, run_dir(cfg))
-    if missing_backbone(cfg):
-        raise FileNotFoundError(missing_backbone(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.source == "digits":
         ensure_digits_shards(cfg)
