@@ -21,12 +21,12 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from bafm.config import DataConfig
 from bafm.data import datamodule as datamodule_module
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.manifest import update_manifest
 from bafm.data.shard_writer import ShardWriter
 from bafm.io import atomic_write_json
+from bafm.schema import DataConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader_cpu.json"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from bafm.cli import main
-from bafm.config import DataConfig
 from bafm.data import datamodule as datamodule_module
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.manifest import MANIFEST, ShardError
 from bafm.data.shard_job import write_split, writer_lock
+from bafm.schema import DataConfig
 from test_shards import _encoder, _job
 
 ROOT = Path(__file__).resolve().parents[1]

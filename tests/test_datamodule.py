@@ -14,11 +14,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from bafm.config import DataConfig
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.manifest import ShardError, update_manifest
 from bafm.data.npy_codec import encode_npy
 from bafm.data.shard_writer import ShardWriter, sha256_file
+from bafm.schema import DataConfig
 
 C, H = 2, 4
 NUM_CLASSES = 5

@@ -1,0 +1,245 @@
+"""The experiment config's schema: one dataclass per section, with its defaults.
+
+``bafm.config`` merges it with an experiment file and overrides, and validates the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class DataConfig:
+    """Latent shards (reading) and their preparation (``bafm data``)."""
+
+    dataset: str = "digits"  # shards live in <root>/<dataset>/<split>-%06d.tar
+    root: str = "data"
+    batch_size: int = 64
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    use_flip: bool = True  # pick the flipped moments with probability 0.5 when present
+    on_error: str = "raise"  # raise | skip: what a corrupt sample or shard does
+    # Sizes are always checked against the manifest; this also checks each shard's sha256 the
+    # first time a process opens it (false: size only).
+    verify_checksums: bool = True
+    # Preparation (``bafm data``).
+    source: str = "digits"  # digits | folder
+    image_dir: str = ""  # ImageNet-style folder (class sub-folders) for source=folder
+    list_file: str = ""  # optional "relative/path.jpg <label>" lines instead of sub-folders
+    resolution: int = 256  # ADM center crop + resize
+    vae_path: str = ""  # diffusers AutoencoderKL folder or single .safetensors file
+    vae_scaling_factor: float = 0.18215
+    encode_batch_size: int = 64
+    samples_per_shard: int = 1000
+    split: str = "train"  # split written by ``bafm data`` for source=folder
+    digits_size: int = 16  # digits are upsampled from 8x8 to this size
+    val_fraction: float = 0.2  # digits held-out split, fixed by ``seed``
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen flow-matching backbone."""
+
+    path: str = "checkpoints/digits/backbone.safetensors"
+    arch: str = "SiT-S/2"
+    source: str = "repa"  # repa (t=1 noise) | sit (t=0 noise, adapted in the loader)
+    # Architecture overrides for non-registry sizes (None keeps the registry's value).
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    # Speed switches (bafm.models.fast.apply_speed_switches); the defaults keep eager float32.
+    compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
+    compile_mode: str = "default"  # big GEMMs are at cuBLAS speed already; autotuning costs minutes
+    compile_scope: str = "blocks"  # blocks: one shared graph for the identical blocks (seconds) | model
+    channels_last: bool = True  # NHWC latents into the patch embedding (tokens come out contiguous)
+    cuda_graphs: bool = False  # replay one CUDA graph per input shape (CUDA only)
+    precision: str = "float32"  # float32 | bfloat16 | float16: weights and activations when sampling
+
+
+@dataclass
+class SideNetConfig:
+    """Trainable SideNet (paper release defaults)."""
+
+    # Trained SideNet for sampling/eval; empty: runs/<name>/sidenet.safetensors (the training
+    # export) when it exists, else checkpoints/<name>/sidenet.safetensors.
+    path: str = ""
+    channels: int = 256
+    emb_dim: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    # Speed switches (bafm.models.fast.apply_speed_switches); the defaults keep eager float32.
+    compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
+    compile_mode: str = "max-autotune-no-cudagraphs"  # small fixed-shape calls: autotuning pays off
+    channels_last: bool = True  # NHWC activations: fused channel RMSNorm, copy-free attention
+    cuda_graphs: bool = False  # replay one CUDA graph per input shape (CUDA only)
+    precision: str = "float32"  # float32 | bfloat16 | float16: weights and activations when sampling
+
+
+@dataclass
+class LossConfig:
+    """BA chain-rollout loss."""
+
+    links: int = 8  # K: chain links per sample
+    offset_rate: float = 50.0  # rate of the truncated exponential for |h|
+    p_backward: float = 0.5  # probability of a negative (toward noise) offset
+    label_dropout: float = 0.1  # CFG null-class probability
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + EMA of the SideNet."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9996
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Options passed to ``lightning.Trainer``."""
+
+    accelerator: str = "auto"
+    devices: Any = 1  # int, list of ids or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
+    max_steps: int = 1000
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 200
+    resume: str = ""  # "" | "last" | path to a .ckpt
+    fast_dev_run: bool = False
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    """How samples are drawn: guidance and the time grid."""
+
+    cfg_scale: float = 1.0  # 1.0: no guidance
+    guidance_interval: List[float] = field(default_factory=lambda: [0.0, 0.7])  # CFG for t in (lo, hi]
+    grid: str = "uniform"  # uniform | shift (SD3 time shift by `shift`) | optimized (`bafm optimize-grid`)
+    shift: float = 1.0
+    grid_file: str = ""  # optimized grids JSON; empty: <sidenet stem>.grids.json beside the SideNet in use
+
+
+@dataclass
+class EvalConfig:
+    """NFE sweep: solvers, budgets, metrics and outputs."""
+
+    solvers: List[str] = field(
+        default_factory=lambda: ["ba", "euler", "heun", "midpoint", "ab2", "dpm++2m", "unipc", "ipndm"]
+    )
+    budgets: Dict[str, List[int]] = field(
+        default_factory=lambda: {
+            "ba": [3, 4, 5, 6, 7, 8, 10],
+            "ba-single": [3, 4, 5, 6, 7, 8, 10],
+            "euler": [5, 10, 20, 50, 100, 200],
+            "heun": [4, 6, 8, 10, 12, 16, 20],
+            "midpoint": [4, 6, 8, 10, 12, 16, 20],
+            "rk4": [4, 8, 12, 16, 20],
+            "ab2": [4, 5, 6, 8, 10, 12, 16, 20],
+            "dpm++2m": [4, 5, 6, 8, 10, 12, 16, 20],
+            "unipc": [4, 5, 6, 8, 10, 12, 16, 20],
+            "ipndm": [4, 5, 6, 8, 10, 12, 16, 20],
+        }
+    )
+    # Adaptive solvers: one row per tolerance level (rtol = atol), reported at its measured mean NFE.
+    tolerances: Dict[str, List[float]] = field(default_factory=lambda: {"ba-adaptive": [1e-2, 3e-3, 1e-3]})
+    num_samples: int = 1000
+    batch_size: int = 250
+    seed: int = 0  # per-sample seeds are seed + sample index
+    feature_extractor: str = "classifier"  # classifier | inception
+    classifier_path: str = "checkpoints/digits/classifier.safetensors"
+    inception_weights: str = ""  # local torch-fidelity inception-v3-compat weights
+    reference_stats: str = ""  # .npz: ADM VIRTUAL_*.npz or bafm's own statistics
+    prc_reference_size: int = 10000  # real images precision/recall compare with (seeded subset if more); 0: off
+    reference_rtol: float = 1e-5
+    reference_atol: float = 1e-5
+    reference_batch_size: int = 64  # the reference solves fixed groups of samples (batch-size independent)
+    out_dir: str = ""  # empty: runs/<name>/nfe_sweep
+    save_npz: bool = False
+    grid_images: int = 64
+    is_splits: int = 10  # inception-score splits
+    include_reference: bool = True  # reference (dopri5) row; needed for traj_rmse
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:<i>
+    # Training-time sweep (NFESweepCallback).
+    every_n_steps: int = 500
+    callback_solvers: List[str] = field(default_factory=lambda: ["ba", "euler"])
+    callback_budgets: List[int] = field(default_factory=lambda: [5, 10])
+    callback_num_samples: int = 500
+
+
+@dataclass
+class GridSearchConfig:
+    """``bafm optimize-grid``: grids minimising the trajectory error per solver and NFE budget."""
+
+    solvers: List[str] = field(default_factory=lambda: ["ba", "euler", "unipc", "ipndm", "dpm++2m"])
+    budgets: Dict[str, List[int]] = field(default_factory=dict)  # empty for a solver: eval.budgets up to max_nfe
+    max_nfe: int = 10
+    num_samples: int = 256  # calibration samples, seeds seed + [0, num_samples): disjoint from eval's
+    seed: int = 1_000_000
+    batch_size: int = 256
+    method: str = "nelder-mead"  # nelder-mead | powell (scipy.optimize, derivative-free)
+    max_evals: int = 150  # objective evaluations per (solver, NFE), the uniform start included
+
+
+@dataclass
+class BackboneTrainConfig:
+    """``bafm backbone``: flow-matching training of the embedded default's small SiT."""
+
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    out: str = "checkpoints/digits/backbone.safetensors"
+    snapshot_every: int = 0  # >0: also export the EMA weights every N steps to runs/<name>/backbone/snapshots
+    classifier_steps: int = 1500
+    classifier_max_shift: int = 2  # augmentation: random translations of up to this many pixels
+    classifier_out: str = "checkpoints/digits/classifier.safetensors"
+
+
+@dataclass
+class EditConfig:
+    """``bafm edit``: inversion and regeneration under another class."""
+
+    indices: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
+    image_dir: str = ""  # folder of images instead of dataset indices
+    source_class: Optional[int] = None  # None: the dataset label
+    target_class: int = 0
+    solvers: List[str] = field(default_factory=lambda: ["ba", "euler", "heun"])
+    budgets: Dict[str, List[int]] = field(
+        default_factory=lambda: {"ba": [5, 10], "euler": [10, 50, 100], "heun": [10, 50, 100]}
+    )
+    out_dir: str = ""  # empty: runs/<name>/edit
+    cfg_scale: Optional[float] = None  # None: sampling.cfg_scale (inversion and both regenerations)
+    center_crop: bool = False  # ADM-crop image_dir images to the backbone's size instead of requiring it
+    batch_size: int = 32
+    grid_images: int = 8  # images (columns) shown in edit_grid.png
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:<i>
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment."""
+
+    name: str = "digits"
+    seed: int = 0
+    runs_dir: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sidenet: SideNetConfig = field(default_factory=SideNetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    backbone_train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
+    optimize_grid: GridSearchConfig = field(default_factory=GridSearchConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
