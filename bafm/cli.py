@@ -25,15 +25,33 @@ def _command(name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="bafm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    commands = {}
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
         p.add_argument("--out", default=None, help="output folder (where the command writes one)")
         p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. trainer.max_steps=10")
-    args = parser.parse_args(argv)
+        commands[name] = p
+    return parser, commands
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``command`` first, then ``--config``, ``--out`` and ``key=value`` overrides in any order."""
+    parser, commands = build_parser()
+    if argv and argv[0] in commands:
+        # Intermixed: overrides may come before, between and after the options.
+        args = commands[argv[0]].parse_intermixed_args(list(argv[1:]))
+        args.command = argv[0]
+        return args
+    return parser.parse_args(list(argv))  # help, a missing or unknown command: argparse's message
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -172,6 +172,7 @@ class EvalConfig:
     callback_solvers: List[str] = field(default_factory=lambda: ["ba", "euler"])
     callback_budgets: List[int] = field(default_factory=lambda: [5, 10])
     callback_num_samples: int = 500
+    sweep_at_end: bool = False  # also sweep the final weights when no scheduled sweep fell due
 
 
 @dataclass

@@ -62,6 +62,34 @@ def test_train_logs_sweeps_exports_and_resumes(tmp_path, capsys):
     assert summary["steps"] == 6
 
 
+def test_short_run_sweeps_at_end_only_when_asked(tmp_path):
+    args = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=2",
+            "eval.every_n_steps=5", "eval.callback_budgets=[4]", "trainer.checkpoint_every_n_steps=10"]
+    sweeps = tmp_path / "runs" / "digits" / "train_sweeps"
+    assert main(args) == 0
+    assert not sweeps.exists()  # no sweep fell due in 2 steps, none was asked for
+    asked = tmp_path / "asked"  # a fresh run folder (a folder with last.ckpt would be resumed)
+    assert main(args + [f"runs_dir={asked}", "eval.sweep_at_end=true", "eval.every_n_steps=0"]) == 0
+    assert sorted(p.name for p in (asked / "digits" / "train_sweeps").iterdir()) == ["step0000002.csv"]
+
+
+def test_end_sweep_schedule():
+    from bafm.config import load_config
+    from bafm.training.callbacks import NFESweepCallback
+
+    def cfg(*overrides):
+        return load_config(DIGITS, list(overrides))
+
+    assert not NFESweepCallback.wanted(cfg("trainer.max_steps=2", "eval.every_n_steps=5"))
+    assert not NFESweepCallback.wanted(cfg("trainer.max_steps=10", "eval.every_n_steps=0"))
+    assert NFESweepCallback.wanted(cfg("trainer.max_steps=5", "eval.every_n_steps=5"))
+    assert NFESweepCallback.wanted(cfg("trainer.max_steps=-1", "eval.every_n_steps=5"))
+    assert NFESweepCallback.wanted(cfg("trainer.max_steps=2", "eval.every_n_steps=5", "eval.sweep_at_end=true"))
+    callback = NFESweepCallback(cfg("eval.every_n_steps=5"))
+    assert [callback.sweeps_at_end(s) for s in (2, 5, 7)] == [False, True, True]
+    assert NFESweepCallback(cfg("eval.every_n_steps=5", "eval.sweep_at_end=true")).sweeps_at_end(2)
+
+
 def test_shape_mismatch_fails_before_training(tmp_path):
     overrides = tiny_digits_overrides(tmp_path)
     synthetic_shards(tmp_path / "data" / "syn4", shape=(4, 8, 8))

@@ -14,7 +14,7 @@ from bafm.io import atomic_write_text
 
 
 class NFESweepCallback(Callback):
-    """Every ``eval.every_n_steps`` and at the end, sample with the EMA SideNet and log metrics.
+    """Every ``eval.every_n_steps`` (and at the end, see below), sample with the EMA SideNet and log metrics.
 
     For each solver in ``eval.callback_solvers`` and budget in ``eval.callback_budgets`` it runs
     the evaluation engine on ``eval.callback_num_samples`` fixed per-sample seeds and logs
@@ -22,12 +22,17 @@ class NFESweepCallback(Callback):
     trajectory RMSE) and sample grids to
     TensorBoard, plus a CSV per evaluation under ``runs/<experiment>/train_sweeps/``. Samples
     are split across ranks by the engine; only rank 0 writes.
+
+    At the end of training the final weights are swept once more (unless the last step was just
+    swept) when a scheduled sweep fell due during the run (``global_step >= every_n_steps``) or
+    when ``eval.sweep_at_end`` asks for it; a short debug run draws no samples otherwise.
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.every = int(cfg.eval.every_n_steps)
+        self.at_end = bool(cfg.eval.sweep_at_end)
         self._engine: Optional[Any] = None
         self._last_step = -1
 
@@ -45,8 +50,21 @@ class NFESweepCallback(Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step and not trainer.fast_dev_run:
+        if trainer.global_step != self._last_step and not trainer.fast_dev_run and self.sweeps_at_end(
+            trainer.global_step
+        ):
             self._evaluate(trainer, pl_module)
+
+    def sweeps_at_end(self, final_step: int) -> bool:
+        """Whether a run ending at ``final_step`` gets an end-of-training sweep."""
+        return self.at_end or (self.every > 0 and final_step >= self.every)
+
+    @staticmethod
+    def wanted(cfg: ExperimentConfig) -> bool:
+        """Whether a run of ``cfg`` sweeps at all (else the callback, and its Inception set-up, is skipped)."""
+        ec = cfg.eval
+        every, max_steps = int(ec.every_n_steps), int(cfg.trainer.max_steps)
+        return bool(ec.sweep_at_end) or (every > 0 and (max_steps < 0 or every <= max_steps))
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

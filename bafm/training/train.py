@@ -118,7 +118,7 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
-    if cfg.eval.every_n_steps > 0 and not cfg.trainer.fast_dev_run:
+    if NFESweepCallback.wanted(cfg) and not cfg.trainer.fast_dev_run:
         callbacks.append(NFESweepCallback(cfg))
     trainer = build_trainer(cfg, callbacks)
     start = time.perf_counter()
