@@ -5,6 +5,12 @@
 objects or call functions. The one non-tensor class admitted is ``argparse.Namespace``
 (a plain attribute bag that training scripts such as REPA's store under ``"args"``).
 
+Memory: ``load_weights`` maps the file instead of reading it (``torch.load(mmap=True)``, or
+safetensors' lazy ``safe_open``) and copies only the chosen weights (e.g. ``ema`` of a REPA
+training checkpoint) into memory, so ``model`` and the optimizer state are never read; each
+tensor's mapped pages are given back as soon as it is copied, so the peak is about one copy
+of the chosen weights.
+
 bafm's own exports are ``<stem>.safetensors`` plus ``<stem>.json`` (the model config); the
 same JSON is also stored in the safetensors metadata so a lone weights file stays usable.
 """
@@ -12,11 +18,15 @@ same JSON is also stored in the safetensors metadata so a lone weights file stay
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import pickle
+import sys
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -48,15 +58,45 @@ def _starts_like_pickle(path: Path) -> bool:
     return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK\x03\x04"
 
 
-def read_checkpoint(path: str | Path) -> Any:
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A ``.safetensors`` file opened lazily: the names come from its header, a tensor is read on access."""
+
+    def __init__(self, path: str | Path) -> None:
+        """Read the header of ``path`` (no tensor data)."""
+        self.path = Path(path)
+        with safe_open(str(self.path), framework="pt") as handle:
+            self._names = list(handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.read([name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def read(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
+        """Copies of the tensors ``names`` (on the CPU), read through one handle."""
+        with safe_open(str(self.path), framework="pt") as handle:
+            return {name: handle.get_tensor(name).clone() for name in names}
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> Any:
     """Read a checkpoint without executing any code from it.
 
     Args:
         path: ``.safetensors`` file, or a ``.pt``/``.pth``/``.ckpt`` file written by ``torch.save``.
+        mmap: map the file instead of reading it: safetensors give a lazy ``SafetensorsFile``,
+            ``torch.save`` zip archives tensors backed by the file's pages (legacy non-zip files
+            are read whole). Such tensors must be copied (``load_weights`` does) before the
+            file may change.
 
     Returns:
-        For safetensors, a flat ``{name: tensor}`` dict (on CPU); otherwise the unpickled object
-        (usually a state dict or a training-checkpoint dict).
+        For safetensors, a flat ``{name: tensor}`` mapping (on CPU); otherwise the unpickled
+        object (usually a state dict or a training-checkpoint dict).
 
     Raises:
         CheckpointError: the file is missing, unreadable, or needs arbitrary unpickling.
@@ -66,14 +106,15 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint '{path}' does not exist (or is not a file)")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path), device="cpu")
+            return SafetensorsFile(path) if mmap else load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: not a readable checkpoint (cannot read as safetensors: {err})") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # Damaged files read as odd pickle protocols; the error below says what matters.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # torch.load can map only zip archives (torch.save's format since 1.6).
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         if not (any(marker in str(err) for marker in REFUSED_PICKLE_MARKERS) or _starts_like_pickle(path)):
             # Random bytes or a damaged pickle, not a refused class.
@@ -137,14 +178,22 @@ def select_state_dict(obj: Any, path: str | Path, preferred: Sequence[str]) -> D
         obj: what :func:`read_checkpoint` returned.
         path: the file (for messages).
         preferred: top-level keys to try in order (e.g. ``("ema", "model")``); if none is
-            present the object itself must be a state dict.
+            present the object itself must be a state dict. In a flat safetensors file the
+            group ``<key>.*`` of the first preferred key with such names is taken.
 
     Returns:
-        ``{parameter name: tensor}`` without ``module.`` / ``_orig_mod.`` prefixes.
+        ``{parameter name: tensor}`` without ``module.`` / ``_orig_mod.`` prefixes (for a
+        ``SafetensorsFile``, only the chosen tensors are read).
 
     Raises:
         CheckpointError: no state dict found, naming the top-level keys seen.
     """
+    if isinstance(obj, SafetensorsFile):
+        for key in preferred:
+            group = [name for name in obj if name.startswith(f"{key}.")]
+            if group:
+                return {strip_prefixes(name[len(key) + 1 :]): t for name, t in obj.read(group).items()}
+        return {strip_prefixes(name): t for name, t in obj.read(obj).items()}
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     for key in preferred:
@@ -164,6 +213,56 @@ def select_state_dict(obj: Any, path: str | Path, preferred: Sequence[str]) -> D
             raise CheckpointError(f"{path}: entry '{name}' is a {type(tensor).__name__}, not a tensor")
         state[strip_prefixes(str(name))] = tensor
     return state
+
+
+def load_weights(path: str | Path, preferred: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The chosen weights of a checkpoint, and only those, copied into memory.
+
+    The file is mapped (``read_checkpoint(mmap=True)``); the state dict under the first
+    ``preferred`` key is selected (see :func:`select_state_dict`) and each of its tensors is
+    copied, after which its pages of the mapping are released. Other entries (the raw
+    ``model`` next to ``ema``, optimizer moments) are never read from disk.
+
+    Args:
+        path: checkpoint file (see :func:`read_checkpoint`).
+        preferred: top-level keys to try in order, e.g. ``("ema", "model")``.
+
+    Returns:
+        ``{parameter name: tensor}`` in private CPU memory, independent of the file.
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint` and :func:`select_state_dict`.
+    """
+    obj = read_checkpoint(path, mmap=True)
+    if isinstance(obj, SafetensorsFile):
+        return select_state_dict(obj, path, preferred)  # read tensor by tensor: already copies
+    state = select_state_dict(obj, path, preferred)
+    del obj  # the unchosen entries stay unread pages of the mapping
+    mapped = zipfile.is_zipfile(path)  # legacy files were read whole: nothing to release
+    return {name: _copy_and_release(tensor, mapped) for name, tensor in state.items()}
+
+
+_MADV_DONTNEED = 4  # Linux: drop the pages; a clean private file mapping re-reads them on access
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _copy_and_release(tensor: torch.Tensor, mapped: bool) -> torch.Tensor:
+    """A private copy of a CPU tensor; if it is ``mapped`` from a file, its whole pages are then dropped.
+
+    Without the release, every copied tensor's file pages would stay resident until the whole
+    mapping is closed, doubling the peak. Dropping clean pages of a private file mapping is
+    safe: they are read from the file again if touched.
+    """
+    copy = tensor.clone(memory_format=torch.preserve_format)
+    nbytes = tensor.untyped_storage().nbytes()
+    # Only for a private file mapping: on ordinary memory MADV_DONTNEED would zero the pages.
+    if mapped and _LIBC is not None and nbytes >= 2 * mmap.PAGESIZE:
+        start = tensor.untyped_storage().data_ptr()
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the storage only
+        last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    return copy
 
 
 def strip_prefixes(name: str) -> str:

@@ -26,9 +26,8 @@ from bafm.models.checkpoint_io import (
     block_indices,
     cast_state_dict,
     check_against,
-    read_checkpoint,
+    load_weights,
     read_config,
-    select_state_dict,
     write_weights,
 )
 from bafm.models.sidenet import SideNet
@@ -166,7 +165,7 @@ def load_backbone(
         TypeError: unknown override names.
     """
     overrides = _check_fields(overrides, _SIT_FIELDS, "backbone")
-    state = select_state_dict(read_checkpoint(path), path, ("ema", "model"))
+    state = load_weights(path, ("ema", "model"))
     if source is not None and source not in TIME_CONVENTIONS:
         raise ValueError(f"source is '{source}', expected one of {TIME_CONVENTIONS}")
     saved = _saved_config(path, BACKBONE_FORMAT)
@@ -305,7 +304,7 @@ def load_sidenet(
         TypeError: unknown override names.
     """
     overrides = _check_fields(overrides, _SIDENET_FIELDS, "SideNet")
-    state = select_state_dict(read_checkpoint(path), path, ("ema_side_model", "side_model", "ema", "model"))
+    state = load_weights(path, ("ema_side_model", "side_model", "ema", "model"))
     saved = _saved_config(path, SIDENET_FORMAT)
     inferred = infer_sidenet_config(state, path)
     kwargs: Dict[str, Any] = {**inferred, "num_heads": 4}
