@@ -150,6 +150,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "sampling.grid": ("uniform", "shift", "optimized"),
         "eval.feature_extractor": ("classifier", "inception"),
         "optimize_grid.method": ("nelder-mead", "powell"),
+        "eval.reference_solver": ("dopri5", "rk4"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
@@ -159,6 +160,8 @@ def _validate_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or not ok(value):
             raise ConfigError(f"'{key}' is {value}, expected {expected}.")
+    if cfg.eval.reference_solver == "rk4" and cfg.eval.reference_steps < 1:
+        raise ConfigError(f"'eval.reference_steps' is {cfg.eval.reference_steps}, expected >= 1 for the rk4 reference.")
     interval = list(cfg.sampling.guidance_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
         raise ConfigError(

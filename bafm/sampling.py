@@ -25,9 +25,12 @@ from torch import Tensor, nn
 
 from bafm.models.guidance import BackboneVelocity, SideVelocity, build_sampling_fns
 from bafm.solvers import SOLVERS, SideFn, SolveResult, VelocityFn, get_solver
-from bafm.solvers.grids import make_grid, nfe_for_steps, steps_for_nfe
+from bafm.solvers.grids import make_grid, nfe_for_steps, steps_for_nfe, uniform_grid
 
 REFERENCE = "reference"
+# How the sweep's ground truth is solved: adaptive dopri5 (NFE unbounded, as counted), or classic
+# RK4 at ``reference_steps`` uniform steps (exactly 4 NFE per step: bounded, for paper-scale backbones).
+REFERENCE_SOLVERS = ("dopri5", "rk4")
 # A named grid kind ("uniform", "shift") or an explicit 1-D grid.
 GridSpec = Union[str, Tensor]
 
@@ -343,6 +346,53 @@ def solve_batch(
     if t_grid is None:
         t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device)
     return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
+
+
+def reference_solve(
+    backbone: nn.Module,
+    noise: Tensor,
+    labels: Tensor,
+    sampling: SamplingSettings,
+    *,
+    solver: str = "dopri5",
+    steps: int = 0,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+) -> SolveResult:
+    """The ground truth that ``traj_rmse`` is measured against, for one batch.
+
+    Args:
+        backbone: see ``solve_batch``.
+        noise: ``(B, C, H, W)`` starting state at ``t = 1``.
+        labels: ``(B,)`` int64 class labels.
+        sampling: guidance (its grid is not used).
+        solver: ``dopri5`` (the adaptive ``reference`` solver with ``rtol``/``atol``; its NFE is
+            not bounded in advance) or ``rk4`` (``steps`` uniform steps, exactly ``4 * steps`` NFE).
+        steps: RK4 steps (ignored by dopri5).
+        rtol: dopri5's relative tolerance (None: the solver's default).
+        atol: dopri5's absolute tolerance (None: as ``rtol``).
+
+    Returns:
+        The ``SolveResult``; ``nfe`` as counted.
+
+    Raises:
+        ValueError: unknown ``solver`` or ``steps < 1`` for RK4.
+    """
+    if solver not in REFERENCE_SOLVERS:
+        raise ValueError(f"reference solver is '{solver}', expected one of: {', '.join(REFERENCE_SOLVERS)}.")
+    if solver == "dopri5":
+        return solve_batch(backbone, None, REFERENCE, 0, noise, labels, sampling, rtol=rtol, atol=atol)
+    if int(steps) < 1:
+        raise ValueError(f"reference solver '{solver}' needs reference_steps >= 1, got {steps}.")
+    # A uniform grid: the ground truth must not depend on the sampling grid being evaluated.
+    grid = uniform_grid(int(steps), dtype=torch.float64, device=noise.device)
+    return solve_batch(backbone, None, solver, int(steps), noise, labels, sampling, t_grid=grid)
+
+
+def describe_reference(solver: str, steps: int, rtol: float, atol: float, nfe: Optional[float] = None) -> str:
+    """One line naming the reference and its NFE per sample, e.g. ``rk4, 50 steps, 200 NFE per sample``."""
+    what = f"rk4, {steps} steps" if solver == "rk4" else f"dopri5 (rtol {rtol:g}, atol {atol:g})"
+    return what + ("" if nfe is None else f", {nfe:.6g} NFE per sample")
 
 
 def generate(

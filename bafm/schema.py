@@ -161,6 +161,8 @@ class EvalConfig:
     reference_rtol: float = 1e-5
     reference_atol: float = 1e-5
     reference_batch_size: int = 64  # the reference solves fixed groups of samples (batch-size independent)
+    reference_solver: str = "dopri5"  # dopri5 (adaptive, reference_rtol/atol; unbounded NFE) | rk4 (bounded)
+    reference_steps: int = 100  # rk4 steps of the reference: 4 x reference_steps NFE per sample
     out_dir: str = ""  # empty: runs/<name>/nfe_sweep
     save_npz: bool = False
     grid_images: int = 64

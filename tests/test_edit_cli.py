@@ -173,7 +173,7 @@ def test_edit_encodes_a_folder_with_the_vae(tmp_path, capsys):
     for name in ("x.png", "y.jpg"):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / name)
     args = [
-        "edit", "--out", str(tmp_path / "out"), "name=tiny_latents", "data.source=folder",
+        "edit", "--out", str(tmp_path / "out"), "name=tiny_latents", "data.source=folder", "data.resolution=16",
         f"data.vae_path={tmp_path / 'vae'}", f"data.root={tmp_path / 'data'}", "data.vae_scaling_factor=0.5",
         f"backbone.path={tmp_path / 'bb.safetensors'}", "backbone.depth=1",
         "backbone.hidden_size=32", "backbone.num_heads=2", "eval.feature_extractor=inception",

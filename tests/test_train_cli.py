@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,11 +91,14 @@ def test_end_sweep_schedule():
     assert NFESweepCallback(cfg("eval.every_n_steps=5", "eval.sweep_at_end=true")).sweeps_at_end(2)
 
 
-def test_shape_mismatch_fails_before_training(tmp_path):
+def test_shape_mismatch_fails_before_training(tmp_path, capsys):
     overrides = tiny_digits_overrides(tmp_path)
     synthetic_shards(tmp_path / "data" / "syn4", shape=(4, 8, 8))
-    with pytest.raises(ValueError, match=r"latent shape mismatch.*\(4, 8, 8\).*\(1, 16, 16\)"):
-        main(["train", "--config", DIGITS, *overrides, "data.source=folder", "data.dataset=syn4"])
+    assert main(["train", "--config", DIGITS, *overrides, "data.source=folder", "data.dataset=syn4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert re.fullmatch(r"bafm train: latent shape mismatch: .*\(4, 8, 8\).*\(1, 16, 16\).*", err)
+    assert not (tmp_path / "runs" / "digits" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("experiment", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))

@@ -7,9 +7,10 @@ load time, and ``build_decoder`` divides it out again before decoding.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -200,3 +201,74 @@ def decoder_options(cfg: Any) -> Dict[str, Any]:
         return dict(vae_path=None)
     return dict(vae_path=str(data.vae_path),
                 scaling_factor=latent_scaling_factor(Path(data.root) / data.dataset, data.vae_scaling_factor))
+
+
+class LatentShapeError(ValueError):
+    """The experiment's latents and the backbone disagree in shape."""
+
+
+def _vae_config(vae_path: str | Path) -> Optional[Dict[str, Any]]:
+    """The ``config.json`` of a VAE folder (or of the folder holding a single weights file), or None."""
+    p = Path(vae_path)
+    candidates = (p / "config.json", p / "vae" / "config.json") if p.is_dir() else (p.parent / "config.json",)
+    for candidate in candidates if p.exists() else ():
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def expected_latent_shape(cfg: Any) -> Optional[Tuple[Tuple[int, int, int], str, str]]:
+    """The latent shape ``(C, H, W)`` the experiment's data has, and where it comes from.
+
+    The shards' manifest when ``data/<dataset>`` has one; else, for ``data.source=folder``,
+    ``data.resolution`` over the VAE's downsampling with its latent channels (read from its
+    ``config.json``, no weights loaded); else ``data.digits_size`` for the digits.
+
+    Returns:
+        ``(shape, where it comes from, the key that sets it)``, or None when nothing says (e.g.
+        no readable VAE config).
+    """
+    from bafm.data.manifest import MANIFEST
+
+    d = cfg.data
+    manifest = Path(d.root) / d.dataset / MANIFEST
+    if manifest.is_file():
+        try:
+            shape = json.loads(manifest.read_text()).get("latent_shape")
+        except json.JSONDecodeError:
+            shape = None
+        if shape and len(shape) == 3:
+            return (int(shape[0]), int(shape[1]), int(shape[2])), f"the shards in {manifest.parent}", "data.dataset"
+    if d.source == "digits":
+        return (1, int(d.digits_size), int(d.digits_size)), f"data.digits_size={d.digits_size}", "data.digits_size"
+    config = _vae_config(d.vae_path) if d.vae_path else None
+    if not config or "latent_channels" not in config or "block_out_channels" not in config:
+        return None
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    size = int(d.resolution) // factor
+    where = f"data.resolution={d.resolution} with the VAE at '{d.vae_path}'"
+    return (int(config["latent_channels"]), size, size), where, "data.resolution"
+
+
+def check_latent_shape(cfg: Any, backbone_shape: Sequence[int]) -> None:
+    """Fail before any work when the experiment's latents do not fit the backbone.
+
+    Args:
+        cfg: the experiment config (``data``, ``backbone.path``).
+        backbone_shape: ``(C, H, W)`` the backbone takes.
+
+    Raises:
+        LatentShapeError: one line naming both shapes, where each comes from and what to change.
+    """
+    found = expected_latent_shape(cfg)
+    if found is None or tuple(found[0]) == tuple(backbone_shape):
+        return
+    shape, source, key = found
+    raise LatentShapeError(
+        f"latent shape mismatch: {source} gives latents of shape {tuple(shape)} (C, H, W), but the backbone "
+        f"'{cfg.backbone.path}' expects {tuple(int(s) for s in backbone_shape)}; use a backbone trained on "
+        f"latents of that shape, or change {key} to match it."
+    )

@@ -68,6 +68,17 @@ def _load_models(
         raise EditInputError(str(err)) from None
 
 
+def _check_latent_shape(cfg: ExperimentConfig, backbone: nn.Module) -> None:
+    """The experiment's latents (shards, or data.resolution with the VAE) must fit the backbone."""
+    from bafm.data.vae import LatentShapeError, check_latent_shape
+    from bafm.sampling import latent_shape
+
+    try:
+        check_latent_shape(cfg, latent_shape(backbone))
+    except LatentShapeError as err:
+        raise EditInputError(str(err)) from None
+
+
 def _load_classifier(cfg: ExperimentConfig, decoded: Tensor, device: torch.device) -> Optional[nn.Module]:
     """The digits classifier, checked against the decoded images and the target class; None without one."""
     if cfg.eval.feature_extractor != "classifier":
@@ -118,6 +129,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
         print(describe_sidenet(cfg, [name for name, _ in points]), flush=True)
     device = _resolve_device(str(cfg.edit.device))
     backbone, sidenet = _load_models(cfg, points, device)
+    _check_latent_shape(cfg, backbone)
     inputs = load_inputs(cfg, backbone, device)
     decode = build_decoder(**decoder_options(cfg))
     with torch.no_grad():

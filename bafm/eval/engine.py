@@ -109,7 +109,8 @@ def evaluate_sweep(
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
     key = (id(backbone), st.seed, tuple(shape), st.reference_rtol, st.reference_atol, st.reference_batch_size,
-           st.sampling.cfg_scale, st.sampling.guidance_interval, feature_extractor.name)
+           st.reference_solver, st.reference_steps, st.sampling.cfg_scale, st.sampling.guidance_interval,
+           feature_extractor.name)
     if cache.key != key:
         cache.reset(key)
 

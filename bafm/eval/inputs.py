@@ -103,7 +103,8 @@ def sweep_settings(cfg: Any) -> SweepSettings:
     return SweepSettings(
         sampling=sampling_settings(cfg), seed=int(ec.seed), batch_size=int(ec.batch_size),
         reference_rtol=float(ec.reference_rtol), reference_atol=float(ec.reference_atol),
-        reference_batch_size=int(ec.reference_batch_size), include_reference=bool(ec.include_reference),
+        reference_batch_size=int(ec.reference_batch_size), reference_solver=str(ec.reference_solver),
+        reference_steps=int(ec.reference_steps), include_reference=bool(ec.include_reference),
         grid_images=int(ec.grid_images), is_splits=int(ec.is_splits), sidenet_hint=str(sidenet_path(cfg)),
     )
 

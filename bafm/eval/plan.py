@@ -55,6 +55,9 @@ class SweepSettings:
         reference_batch_size: the reference solves fixed groups of this many consecutive samples
             (its adaptive step size is shared by a solve), so its samples, too, are the same for
             any ``batch_size`` and number of processes.
+        reference_solver: ``dopri5`` (adaptive, the tolerances above; NFE unbounded) or ``rk4``
+            (``reference_steps`` uniform steps: a bounded ``4 * reference_steps`` NFE per sample).
+        reference_steps: RK4 steps of the reference (ignored by dopri5).
         include_reference: evaluate the reference solver (needed for ``traj_rmse``).
         grid_images: the first this-many samples of each point form its image grid.
         is_splits: splits of the inception score.
@@ -67,6 +70,8 @@ class SweepSettings:
     reference_rtol: float = 1e-5
     reference_atol: float = 1e-5
     reference_batch_size: int = 64
+    reference_solver: str = "dopri5"
+    reference_steps: int = 0
     include_reference: bool = True
     grid_images: int = 64
     is_splits: int = 10

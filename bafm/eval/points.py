@@ -16,7 +16,7 @@ from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
-from bafm.sampling import REFERENCE, sample_labels, sample_noise, solve_batch
+from bafm.sampling import REFERENCE, reference_solve, sample_labels, sample_noise, solve_batch
 from bafm.solvers import SOLVERS
 from bafm.solvers.grid_store import GridTable
 
@@ -86,7 +86,10 @@ class SweepContext:
 
     def grid_name(self, solver: str) -> str:
         """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers, ``adaptive`` otherwise."""
-        return "adaptive" if SOLVERS[solver].nfe_per_step is None else self.settings.sampling.grid
+        st = self.settings
+        if solver == REFERENCE and st.reference_solver == "rk4":
+            return "uniform"  # the fixed-step reference's own grid (see reference_solve)
+        return "adaptive" if SOLVERS[solver].nfe_per_step is None else st.sampling.grid
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
@@ -136,13 +139,16 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
         else:
             noise = sample_noise(idx, ctx.shape, ctx.settings.seed, device=device)
             labels = sample_labels(idx, int(ctx.backbone.num_classes), device=device)
-            opts = {"rtol": ctx.settings.reference_rtol, "atol": ctx.settings.reference_atol} if is_ref else {}
-            if point.tol is not None:
-                opts = {"rtol": point.tol, "atol": point.tol}
+            st = ctx.settings
             sync(device)
             start = time.perf_counter()
-            res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                              ctx.settings.sampling, t_grid=t_grid, **opts)
+            if is_ref:
+                res = reference_solve(ctx.backbone, noise, labels, st.sampling, solver=st.reference_solver,
+                                      steps=st.reference_steps, rtol=st.reference_rtol, atol=st.reference_atol)
+            else:
+                opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
+                res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
+                                  st.sampling, t_grid=t_grid, **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x

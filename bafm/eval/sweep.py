@@ -19,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from bafm.config import ExperimentConfig, run_dir, to_container
+from bafm.data.vae import LatentShapeError, check_latent_shape
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepResult
 from bafm.eval.inputs import build_sweep_engine, check_sweep_inputs
@@ -26,6 +27,7 @@ from bafm.eval.plan import SweepInputError
 from bafm.eval.report import NpzSampleWriter, log_tensorboard, markdown_table, write_reports
 from bafm.experiment import describe_sidenet, load_models
 from bafm.io import OutputFolderError, atomic_write_text, check_output_folder
+from bafm.sampling import REFERENCE, describe_reference, latent_shape
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -72,8 +74,12 @@ def sweep(
     try:
         rank, _ = world_info()
         dest = output_dir(cfg, out)
-        engine = build_sweep_engine(cfg, device=device)
         backbone, sidenet = load_models(cfg, solvers, device)
+        try:  # before the engine computes reference statistics for the experiment's data
+            check_latent_shape(cfg, latent_shape(backbone))
+        except LatentShapeError as err:
+            raise SweepInputError(str(err)) from None
+        engine = build_sweep_engine(cfg, device=device)
         sink = NpzSampleWriter(dest / "samples") if ec.save_npz else None
         with torch.no_grad():
             result = engine.run(backbone, sidenet, solvers=solvers, budgets=budgets, tolerances=tolerances,
@@ -85,6 +91,11 @@ def sweep(
             _log_tensorboard(dest / "tensorboard", result)
             if print_table:
                 print(markdown_table(result.rows), end="")
+                ref = [row for row in result.rows if row["solver"] == REFERENCE]
+                if ref:  # which ground truth traj_rmse is measured against, and what it cost
+                    print("reference: " + describe_reference(ec.reference_solver, int(ec.reference_steps),
+                                                             float(ec.reference_rtol), float(ec.reference_atol),
+                                                             float(ref[0]["nfe"])))
                 print(f"results: {dest}")
     finally:
         if created:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -96,7 +97,11 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     bc = cfg.backbone
     backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, depth=bc.depth,
                              hidden_size=bc.hidden_size, num_heads=bc.num_heads)
-    check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
+    try:
+        check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
+    except ValueError as err:  # a one-line answer, not a traceback: nothing has started yet
+        print(f"bafm train: {err}", file=sys.stderr)
+        return 2
     sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes)
     lc = cfg.loss
     module = SideNetModule(
