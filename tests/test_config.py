@@ -13,7 +13,18 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob(
 
 def test_there_are_experiments():
     names = {p.name for p in EXPERIMENTS}
-    assert {"digits.yaml", "imagenet256_sit_xl2.yaml"} <= names
+    assert {"digits.yaml", "imagenet256_sit_xl2.yaml", "imagenet512_sit_xl2.yaml"} <= names
+
+
+def test_imagenet_512_is_256_at_twice_the_resolution_in_its_own_shards():
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    in256, in512 = load_config(root / "imagenet256_sit_xl2.yaml"), load_config(root / "imagenet512_sit_xl2.yaml")
+    assert (in256.data.resolution, in512.data.resolution) == (256, 512)
+    assert in256.data.dataset != in512.data.dataset  # 256 and 512 shards never share a folder
+    assert in256.backbone.path != in512.backbone.path and in256.eval.reference_stats != in512.eval.reference_stats
+    for section in ("sidenet", "loss", "optim", "sampling"):  # no separate 512 settings are assumed
+        assert OmegaConf.to_container(in256[section]) == OmegaConf.to_container(in512[section]), section
+    assert (in512.eval.reference_solver, in512.eval.reference_steps) == ("rk4", 50)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
