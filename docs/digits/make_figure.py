@@ -16,15 +16,15 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from bafm.config import load_config  # noqa: E402
-from bafm.data.digits import load_digits_images  # noqa: E402
+from bafm.data.digits import digits_options, load_digits_images  # noqa: E402
 
-PANELS = [("ba", 5), ("euler", 5), ("ab2", 5), ("dpm++2m", 5), ("ba", 10), ("euler", 10), ("euler", 100),
-          ("reference", 86)]
+PANELS = [("ba", 5), ("euler", 5), ("unipc", 5), ("ipndm", 5), ("ba", 10), ("euler", 10), ("euler", 100),
+          ("reference", None)]
 
 
 def main(sweep: Path) -> None:
     cfg = load_config("experiments/digits.yaml")
-    images, labels = load_digits_images("val", cfg)
+    images, labels = load_digits_images("val", **digits_options(cfg))
     # Same label order as the sweep's first 64 samples (label = index mod 10).
     picks = [int((labels == i % 10).nonzero()[i // 10]) for i in range(64)]
     real = make_grid((images[picks] + 1) / 2, nrow=8, padding=2).permute(1, 2, 0).numpy()
@@ -32,8 +32,10 @@ def main(sweep: Path) -> None:
     axes[0].imshow(real, cmap="gray", interpolation="nearest")
     axes[0].set_title("real (val)", fontsize=8)
     for ax, (solver, nfe) in zip(axes[1:], PANELS):
-        ax.imshow(np.asarray(Image.open(sweep / "grids" / f"{solver}_nfe{nfe:03d}.png")), interpolation="nearest")
-        ax.set_title(f"{solver} @ {nfe} NFE", fontsize=8)
+        pattern = f"{solver}_nfe{nfe:03d}.png" if nfe else f"{solver}_nfe*.png"  # the reference's NFE is measured
+        path = sorted((sweep / "grids").glob(pattern))[0]
+        ax.imshow(np.asarray(Image.open(path)), interpolation="nearest")
+        ax.set_title(f"{solver} @ {int(path.stem.rsplit('nfe', 1)[1])} NFE", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
