@@ -16,14 +16,14 @@ from bafm.models.sit import build_sit
 
 
 def tiny_digits_models(root: Path) -> Dict[str, Path]:
-    """A random tiny SiT (16x16x1, 10 classes), SideNet and digits classifier saved under ``root``.
+    """A random tiny SiT (8x8x1, as the embedded default), SideNet and digits classifier under ``root``.
 
     Both networks start with zeroed outputs (adaLN-Zero, zero output conv); a little noise on
     every weight gives them a non-trivial field, so metrics computed from them are informative.
     """
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
-    backbone = build_sit("SiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1,
+    backbone = build_sit("SiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
                          hidden_size=32, num_heads=2)
     sidenet = SideNet(in_channels=1, channels=16, emb_dim=32, depth=2, num_heads=2, num_classes=10)
     with torch.no_grad():
@@ -31,7 +31,7 @@ def tiny_digits_models(root: Path) -> Dict[str, Path]:
             p.add_(0.05 * torch.randn_like(p))
     save_backbone(backbone, root / "backbone.safetensors")
     save_sidenet(sidenet, root / "sidenet.safetensors")
-    save_classifier(DigitsClassifier(channels=(8, 16, 32)).eval(), root / "classifier.safetensors")
+    save_classifier(DigitsClassifier(channels=(8, 16, 32), image_size=8).eval(), root / "classifier.safetensors")
     return {name: root / f"{name}.safetensors" for name in ("backbone", "sidenet", "classifier")}
 
 

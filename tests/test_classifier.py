@@ -71,7 +71,7 @@ def test_train_classifier_short_run_writes_files(tmp_path):
     assert metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1
     meta = json.loads(sidecar_path(out).read_text())
     assert meta["val_accuracy"] == metrics["val_accuracy"]
-    torch.testing.assert_close(load_classifier(out)(torch.zeros(1, 1, 16, 16)), model(torch.zeros(1, 1, 16, 16)))
+    torch.testing.assert_close(load_classifier(out)(torch.zeros(1, 1, 8, 8)), model(torch.zeros(1, 1, 8, 8)))
 
 
 def test_shipped_classifier_is_accurate_and_small(repo_root):
@@ -95,6 +95,6 @@ def test_augmentation_shift_comes_from_the_config():
     explicit, _ = train_classifier(cfg, max_shift=1, save=False, log_every=0)
     unshifted, _ = train_classifier(cfg, max_shift=0, save=False, log_every=0)
     assert metrics["max_shift"] == 1
-    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # native 8x8 digits
     torch.testing.assert_close(from_config(x), explicit(x), rtol=0, atol=0)
     assert not torch.allclose(from_config(x), unshifted(x))

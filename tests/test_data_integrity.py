@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bafm.cli import main
+from bafm.config import load_config
 from bafm.data import datamodule as datamodule_module
 from bafm.data.datamodule import LatentDataModule
 from bafm.data.manifest import MANIFEST, ShardError
@@ -25,7 +26,7 @@ DIGITS = str(ROOT / "experiments" / "digits.yaml")
 def test_rerun_rewrites_truncated_and_overwritten_shards(tmp_path, caplog):
     args = ["data", "--config", DIGITS, f"data.root={tmp_path}", "data.samples_per_shard=500"]
     assert main(args) == 0
-    folder = tmp_path / "digits"
+    folder = tmp_path / load_config(DIGITS).data.dataset
     good = {p.name: p.read_bytes() for p in folder.glob("*.tar")}
     manifest = (folder / MANIFEST).read_text()
     truncated, overwritten = folder / "train-000000.tar", folder / "val-000000.tar"

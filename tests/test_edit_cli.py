@@ -55,14 +55,14 @@ def test_edit_writes_csv_grid_and_table(repo_root, tiny, tmp_path, capsys):
     assert markdown.split("\n\n")[0] + "\n" in capsys.readouterr().out
     assert "ba 2 NFE edit->3" in markdown and "euler 3 NFE recon" in markdown
     with Image.open(out / "edit_grid.png") as grid:
-        # Header strip and 1 + 2 * 3 rows of 16x16 digits enlarged 4x, 2-pixel gaps.
+        # Header strip and 1 + 2 * 3 rows of digits enlarged to 64 pixels, 2-pixel gaps.
         assert grid.format == "PNG" and grid.size[1] == 14 + 7 * (64 + 2)
     assert (out / "config.yaml").is_file() and not list(out.rglob("*.tmp"))
 
 
 def test_edit_scores_come_from_the_classifier(repo_root, tiny, tmp_path):
     # A classifier that ignores its input: logits = bias, so every edit gets the same softmax.
-    model = DigitsClassifier(channels=(8, 16, 32)).eval()
+    model = DigitsClassifier(channels=(8, 16, 32), image_size=8).eval()
     bias = torch.linspace(-1.0, 1.0, 10)
     bias[3] = 2.0  # the target class wins every vote
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_edit_from_an_image_folder(repo_root, tiny, tmp_path):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    grey = {name: rng.integers(0, 256, (16, 16), dtype=np.uint8) for name in ("b.png", "sub/a.png")}
+    grey = {name: rng.integers(0, 256, (8, 8), dtype=np.uint8) for name in ("b.png", "sub/a.png")}
     for name, arr in grey.items():
         Image.fromarray(arr).save(folder / name)
     Image.fromarray(rng.integers(0, 256, (32, 40), dtype=np.uint8)).save(folder / "big.png")
@@ -98,7 +98,7 @@ def test_edit_from_an_image_folder(repo_root, tiny, tmp_path):
     cfg = load_config(args[2], args[5:])
     inputs = load_inputs(cfg, load_backbone(tiny / "backbone.safetensors"), torch.device("cpu"))
     assert inputs.names == ["b.png", "big.png", "sub/a.png"]
-    assert inputs.latents.shape == (3, 1, 16, 16) and inputs.source.tolist() == [1, 1, 1]
+    assert inputs.latents.shape == (3, 1, 8, 8) and inputs.source.tolist() == [1, 1, 1]
     expected = torch.from_numpy(grey["sub/a.png"]).float()[None] / 127.5 - 1.0
     torch.testing.assert_close(inputs.latents[2], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(inputs.images, (inputs.latents + 1) / 2, rtol=0, atol=1e-6)
@@ -107,7 +107,7 @@ def test_edit_from_an_image_folder(repo_root, tiny, tmp_path):
 def test_bad_input_fails_before_any_work(repo_root, tiny, tmp_path, capsys):
     small = tmp_path / "small"
     small.mkdir()
-    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(small / "x.png")
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(small / "x.png")
     missing_side = tmp_path / "none.safetensors"
     cases = [
         (["edit.target_class=10"], ["edit.target_class is 10", "10 classes"]),
@@ -115,13 +115,13 @@ def test_bad_input_fails_before_any_work(repo_root, tiny, tmp_path, capsys):
         (["edit.source_class=12"], ["edit.source_class is 12"]),
         ([f"sidenet.path={missing_side}"], [str(missing_side), "make train"]),
         ([f"edit.image_dir={tmp_path / 'nowhere'}", "edit.source_class=1"], [str(tmp_path / "nowhere"), "not found"]),
-        ([f"edit.image_dir={small}", "edit.source_class=1"], ["x.png", "8x8", "16x16", "edit.center_crop"]),
+        ([f"edit.image_dir={small}", "edit.source_class=1"], ["x.png", "4x4", "8x8", "edit.center_crop"]),
         ([f"edit.image_dir={small}"], ["edit.source_class must be set"]),
         (["edit.solvers=[eular]"], ["unknown solver 'eular'", "euler"]),
         (["edit.solvers=[heun]", "edit.budgets={heun: [7]}"], ["edit.budgets.heun", "nearest: 6 or 8"]),
         (["edit.indices=[0,5000]"], ["edit.indices", "5000"]),
         ([f"backbone.path={tmp_path / 'bb.safetensors'}"], [str(tmp_path / "bb.safetensors"), "make backbone"]),
-        (["data.digits_size=8"], ["(1, 8, 8)", "(1, 16, 16)"]),
+        (["data.digits_size=16"], ["(1, 16, 16)", "(1, 8, 8)"]),
         ([f"eval.classifier_path={tmp_path / 'c.safetensors'}"], [str(tmp_path / "c.safetensors"), "make backbone"]),
         (["data.source=folder"], ["edit.image_dir is empty"]),
     ]

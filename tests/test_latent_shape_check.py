@@ -59,7 +59,7 @@ def _common(tiny: Path, tmp_path: Path) -> list:
     return ["--config", str(ROOT / "experiments" / "digits.yaml"), f"backbone.path={tiny / 'backbone.safetensors'}",
             "backbone.depth=1", "backbone.hidden_size=32", "backbone.num_heads=2",
             f"sidenet.path={tiny / 'sidenet.safetensors'}", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-            f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "data.digits_size=8"]
+            f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "data.digits_size=16"]
 
 
 @pytest.mark.parametrize("command, extra", [
@@ -69,7 +69,7 @@ def _common(tiny: Path, tmp_path: Path) -> list:
 def test_sweep_and_edit_refuse_mismatched_latents(tiny, tmp_path, capsys, command, extra):
     assert main([command, *_common(tiny, tmp_path), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"bafm {command}: latent shape mismatch: data.digits_size=8 gives latents of shape (1, 8, 8) "
-                   f"(C, H, W), but the backbone '{tiny / 'backbone.safetensors'}' expects (1, 16, 16); use a backbone "
+    assert err == (f"bafm {command}: latent shape mismatch: data.digits_size=16 gives latents of shape (1, 16, 16) "
+                   f"(C, H, W), but the backbone '{tiny / 'backbone.safetensors'}' expects (1, 8, 8); use a backbone "
                    "trained on latents of that shape, or change data.digits_size to match it.")
     assert not (tmp_path / "out").exists()

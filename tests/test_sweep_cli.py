@@ -56,8 +56,8 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert [e.value for e in events.Scalars("nfe_sweep/precision/ba")] == pytest.approx([rows[1]["precision"]], rel=1e-6)
     assert not [t for t in events.Tags()["scalars"] if "/sfid/" in t]  # blank for the classifier: not logged
     arr = np.load(out / "samples" / "euler_nfe004.npz")["arr_0"]
-    assert arr.shape == (20, 16, 16, 1) and arr.dtype == np.uint8
-    assert (tmp_path / "data" / "digits" / "reference_stats.npz").is_file()  # cached for the next run
+    assert arr.shape == (20, 8, 8, 1) and arr.dtype == np.uint8
+    assert (tmp_path / "data" / "digits8" / "reference_stats.npz").is_file()  # cached for the next run
     assert not list(out.rglob("*.tmp"))
 
 

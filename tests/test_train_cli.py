@@ -93,11 +93,11 @@ def test_end_sweep_schedule():
 
 def test_shape_mismatch_fails_before_training(tmp_path, capsys):
     overrides = tiny_digits_overrides(tmp_path)
-    synthetic_shards(tmp_path / "data" / "syn4", shape=(4, 8, 8))
+    synthetic_shards(tmp_path / "data" / "syn4", shape=(4, 16, 16))
     assert main(["train", "--config", DIGITS, *overrides, "data.source=folder", "data.dataset=syn4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
-    assert re.fullmatch(r"bafm train: latent shape mismatch: .*\(4, 8, 8\).*\(1, 16, 16\).*", err)
+    assert re.fullmatch(r"bafm train: latent shape mismatch: .*\(4, 16, 16\).*\(1, 8, 8\).*", err)
     assert not (tmp_path / "runs" / "digits" / "checkpoints").exists()
 
 
