@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -10,6 +9,7 @@ from bafm.models.analytic import GaussianMixtureFlow
 from bafm.models.guidance import build_sampling_fns
 from bafm.solvers import get_solver
 from bafm.solvers.grids import uniform_grid
+from test_solvers_order import Counter  # independent call counter
 
 F64 = torch.float64
 # dx/dt = a x per sample: x(t) = x(1) e^{a (t - 1)}; a stiffer sample needs smaller steps.
@@ -29,16 +29,6 @@ def identity_side(x, v, t, h):
 def exact(x1, t_end, rates=RATES):
     return x1 * torch.exp(rates[: x1.shape[0], None] * (t_end - 1.0))
 
-
-class Counter:
-    """Independent call counter, recording the batch of every call."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 def test_controller_accepts_below_one_rejects_above_and_rescales_the_step():
