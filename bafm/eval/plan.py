@@ -157,10 +157,8 @@ def plan_sweep(
         else:
             wanted = list(budgets)
         for nfe in wanted:
-            if isinstance(nfe, bool) or int(nfe) != nfe or int(nfe) < 1:
-                raise SweepInputError(f"eval.budgets.{name}: budget {nfe!r} is not a positive integer.")
-            try:
-                steps = steps_for_nfe(name, int(nfe))
+            try:  # steps_for_nfe also rejects budgets that are not positive integers
+                steps = steps_for_nfe(name, nfe)
             except ValueError as err:
                 raise SweepInputError(f"eval.budgets.{name}: {err}") from None
             points.append(SweepPoint(name, int(nfe), int(steps)))

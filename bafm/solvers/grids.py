@@ -147,7 +147,7 @@ def steps_for_nfe(solver_name: str, nfe: int, **options: Any) -> int:
             message names the nearest feasible budgets (e.g. heun at 7: "nearest: 6 or 8").
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"NFE budget must be a positive int, got {nfe!r}")
+        raise ValueError(f"budget {nfe!r} is not a positive integer")
     per_step, extra = _budget(solver_name, **options)
     steps, rest = divmod(nfe - extra, per_step)
     if steps >= 1 and rest == 0:
