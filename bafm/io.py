@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -102,6 +103,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
     """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(lock: str | Path) -> Iterator[None]:
+    """Exclusive advisory lock held from a read to the atomic write of a shared file.
+
+    Processes that merge into one file (a manifest, a grid table) hold it so that none of them
+    overwrites what another added in between. ``lock`` is either an existing folder (locked
+    itself, so nothing is left behind in it) or a lock file, created if missing.
+    """
+    lock = Path(lock)
+    if lock.is_dir():
+        fd = os.open(lock, os.O_RDONLY)
+    else:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class OutputFolderError(ValueError):

@@ -110,3 +110,63 @@ def test_cli_writes_grids_beside_the_sidenet_and_the_sweep_uses_them(repo_root, 
 def test_bad_input_fails_before_sampling(repo_root, tiny, tmp_path, capsys, extra, message):
     assert main(_args(repo_root, tiny, tmp_path / "none.safetensors", tmp_path, "optimize-grid", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def _merge_many(dest: str, solver: str, count: int, barrier) -> None:
+    import time
+    from pathlib import Path
+
+    import bafm.eval.grid_search as grid_search
+
+    save = grid_search.save_grid_table
+
+    def slow_save(*args, **kwargs):  # widen the read-to-write window so an unlocked merge loses grids
+        time.sleep(0.02)
+        return save(*args, **kwargs)
+
+    grid_search.save_grid_table = slow_save
+    barrier.wait()
+    for nfe in range(2, 2 + count):
+        grid = [1.0 - k / nfe for k in range(nfe)] + [0.0]
+        grid_search.merge_grid(Path(dest), solver, nfe, grid, {"optimized": 0.0}, {"objective": {"metric": "traj_rmse"}})
+
+
+def test_concurrent_searches_into_one_file_keep_every_grid(tmp_path):
+    import multiprocessing as mp
+
+    dest = tmp_path / "sidenet.grids.json"
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_merge_many, args=(str(dest), solver, 12, barrier)) for solver in ("euler", "ab2", "ipndm")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    table = load_grid_table(dest)
+    assert len(table.grids) == 36 and set(table.meta["results"]) == {"euler", "ab2", "ipndm"}
+    assert [p.name for p in tmp_path.iterdir()] == ["sidenet.grids.json"]  # no lock or temporary file left
+
+
+def test_each_result_records_the_settings_that_found_it_and_a_bad_file_is_kept(repo_root, tiny, tmp_path, capsys):
+    side = tmp_path / "ckpt" / "sidenet.safetensors"
+    side.parent.mkdir()
+    shutil.copy(tiny / "sidenet.safetensors", side)
+    assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
+                      "optimize_grid.budgets={euler: [2]}")) == 0
+    assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
+                      "optimize_grid.budgets={euler: [3]}", "optimize_grid.seed=2000000",
+                      "optimize_grid.max_evals=5")) == 0
+    path = tmp_path / "ckpt" / "sidenet.grids.json"
+    results = load_grid_table(path).meta["results"]["euler"]
+    assert results["2"]["calibration"] == {"seed": 1_000_000, "num_samples": 6}
+    assert results["2"]["search"] == {"method": "nelder-mead", "max_evals": 8}
+    assert results["3"]["calibration"]["seed"] == 2_000_000 and results["3"]["search"]["max_evals"] == 5
+    capsys.readouterr()
+    path.write_text('{"format": 1, "grids": {"euler": {"2": [1.0, 0.7]}}}')
+    before = path.read_text()
+    assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
+                      "optimize_grid.budgets={euler: [2]}")) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: grids.euler.2" in err and "pass another file (--out)" in err
+    assert path.read_text() == before

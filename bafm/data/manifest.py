@@ -11,13 +11,11 @@ replaced atomically.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Mapping, Optional, Tuple
 
-from bafm.io import atomic_write_json
+from bafm.io import atomic_write_json, file_lock
 
 MANIFEST = "manifest.json"
 RECORDS_DIR = ".records"
@@ -47,17 +45,9 @@ def shard_name(split: str, index: int) -> str:
 # ----------------------------------------------------------------------------- manifest
 
 
-@contextlib.contextmanager
-def manifest_lock(folder: Path) -> Iterator[None]:
+def manifest_lock(folder: Path) -> ContextManager[None]:
     """Exclusive lock for read-modify-write of ``manifest.json`` across processes."""
-    lock = Path(folder) / RECORDS_DIR / "manifest.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return file_lock(Path(folder) / RECORDS_DIR / "manifest.lock")
 
 
 def read_manifest(folder: Path) -> Dict[str, Any]:

@@ -15,7 +15,9 @@ calibration set. The solvers take grids as plain floats (``check_grid``), so no 
 through them; a derivative-free search tunes exactly the registered solvers.
 
 Grids are written, with the seeds, the objective and the search settings, to the JSON beside the
-SideNet in use (``bafm.config.grid_file_path``) or ``--out``, merged into the grids already there.
+SideNet in use (``bafm.config.grid_file_path``) or ``--out``, merged into the grids already there
+as soon as each one is found (under a lock, so concurrent searches into one file keep each other's
+grids, and an interrupted search keeps the ones it finished).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from bafm.config import ExperimentConfig, grid_file_path, sampling_settings, sid
 from bafm.sampling import (REFERENCE, SamplingSettings, latent_shape, sample_labels, sample_noise, solve_batch,
                            uses_side_fn)
 from bafm.solvers import SOLVERS
-from bafm.solvers.grid_store import load_grid_table, save_grid_table
+from bafm.io import OutputFolderError, check_output_folder, file_lock
+from bafm.solvers.grid_store import GridTable, load_grid_table, save_grid_table
 from bafm.solvers.grids import steps_for_nfe, uniform_grid
 
 SEARCH_METHODS = ("nelder-mead", "powell")
@@ -210,6 +213,12 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
     if not Path(cfg.backbone.path).is_file():
         raise GridSearchError(f"backbone checkpoint '{cfg.backbone.path}' not found.")
     dest = output_path(cfg, out)
+    try:
+        check_output_folder(dest.parent)
+    except OutputFolderError as err:
+        raise GridSearchError(str(err)) from None
+    if dest.is_file():
+        _read_table(dest)  # an unreadable file stops the run before any sampling, and is never replaced
     name = str(ec.device)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     backbone, sidenet = load_models(cfg, solvers, device)
@@ -219,19 +228,7 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
                               {"rtol": float(ec.reference_rtol), "atol": float(ec.reference_atol)},
                               int(ec.reference_batch_size))
     reference_seconds = time.perf_counter() - started
-    previous = load_grid_table(dest) if dest.is_file() else None
-    grids = dict(previous.grids) if previous else {}
-    results: Dict[str, Dict[str, Any]] = dict(previous.meta.get("results", {})) if previous else {}
-    for solver, nfe in pairs:
-        found = search_grid(calibration, solver, nfe, str(oc.method), int(oc.max_evals))
-        grids[(solver, nfe)] = found.pop("grid")
-        results.setdefault(solver, {})[str(nfe)] = found
-        if progress:
-            print(f"{solver} @ {nfe} NFE: traj_rmse {found['uniform']:.5g} (uniform) -> {found['optimized']:.5g} "
-                  f"({found['evals']} evaluations, {found['seconds']:.1f} s)", file=sys.stderr)
-    meta = {
-        "objective": {"metric": OBJECTIVE, "reference": {"solver": REFERENCE, "rtol": float(ec.reference_rtol),
-                                                         "atol": float(ec.reference_atol)}},
+    settings = {
         "calibration": {"seed": int(oc.seed), "num_samples": int(oc.num_samples),
                         "seeds": [int(oc.seed), int(oc.seed) + int(oc.num_samples) - 1],
                         "labels": "index % num_classes", "cfg_scale": float(cfg.sampling.cfg_scale),
@@ -239,10 +236,47 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
                         "reference_seconds": reference_seconds},
         "search": {"method": str(oc.method), "max_evals": int(oc.max_evals), "start": "uniform",
                    "parameters": "t_k = 1 - cumsum(softmax([theta, 0]))_k, theta in R^(steps - 1)"},
-        "models": {"backbone": str(cfg.backbone.path), "sidenet": str(side)},
-        "results": results,
     }
-    return save_grid_table(dest, grids, meta)
+    meta = {
+        "objective": {"metric": OBJECTIVE, "reference": {"solver": REFERENCE, "rtol": float(ec.reference_rtol),
+                                                         "atol": float(ec.reference_atol)}},
+        **settings,  # of the latest run; each result also records the settings that found it
+        "models": {"backbone": str(cfg.backbone.path), "sidenet": str(side)},
+    }
+    for solver, nfe in pairs:
+        found = search_grid(calibration, solver, nfe, str(oc.method), int(oc.max_evals))
+        grid = found.pop("grid")
+        found.update({"calibration": {k: settings["calibration"][k] for k in ("seed", "num_samples")},
+                      "search": {k: settings["search"][k] for k in ("method", "max_evals")}})
+        merge_grid(dest, solver, nfe, grid, found, meta)  # at once: an interrupted run keeps what it found
+        if progress:
+            print(f"{solver} @ {nfe} NFE: traj_rmse {found['uniform']:.5g} (uniform) -> {found['optimized']:.5g} "
+                  f"({found['evals']} evaluations, {found['seconds']:.1f} s)", file=sys.stderr)
+    return dest
+
+
+def _read_table(path: Path) -> GridTable:
+    try:
+        return load_grid_table(path)
+    except ValueError as err:
+        raise GridSearchError(f"{err}; move it away or pass another file (--out)") from None
+
+
+def merge_grid(dest: Path, solver: str, nfe: int, grid: Sequence[float], result: Dict[str, Any],
+               meta: Dict[str, Any]) -> Path:
+    """Add one searched grid and its result to ``dest``, keeping every other grid already there.
+
+    The read-modify-write holds a lock on ``dest``'s folder, so concurrent searches (say, one per
+    solver) into the same file all keep their grids.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.parent):
+        previous = _read_table(dest) if dest.is_file() else GridTable()
+        grids = dict(previous.grids)
+        results: Dict[str, Dict[str, Any]] = {s: dict(v) for s, v in previous.meta.get("results", {}).items()}
+        grids[(solver, int(nfe))] = list(grid)
+        results.setdefault(solver, {})[str(int(nfe))] = result
+        return save_grid_table(dest, grids, {**meta, "results": results})
 
 
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
