@@ -198,3 +198,33 @@ def test_edit_encodes_a_folder_with_the_vae(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "z.png' is 24x24 pixels" in err and "expects 16x16" in err
+
+
+def test_edit_runs_on_optimized_grids_from_the_grid_file(repo_root, tiny, tmp_path, capsys):
+    from bafm.solvers.grid_store import save_grid_table
+    from bafm.solvers.grids import shifted_grid
+
+    def run(name, *extra):
+        assert main(_args(repo_root, tiny, tmp_path, "edit.solvers=[ba,euler,reference]", *extra)) == 0
+        return _read((tmp_path / "out").rename(tmp_path / name) / "edit_results.csv")
+
+    points = {("ba", 2): 2, ("euler", 2): 2, ("euler", 3): 3}
+    grid_file = tmp_path / "grids.json"
+    save_grid_table(grid_file, {p: shifted_grid(steps, 2.0, dtype=torch.float64).tolist() for p, steps in points.items()},
+                    {})
+    optimized = run("optimized", "sampling.grid=optimized", f"sampling.grid_file={grid_file}")
+    shift = run("shift", "sampling.grid=shift", "sampling.shift=2")
+    uniform = run("uniform")
+    assert [(r["solver"], r["grid"]) for r in optimized] == [
+        ("ba", "optimized"), ("euler", "optimized"), ("euler", "optimized"), ("reference", "adaptive")]
+    for a, b, c in zip(optimized, shift, uniform):  # the stored grids are the shift-2 grids, so the numbers agree
+        assert a["recon_latent_rmse"] == b["recon_latent_rmse"] and a["edit_target_prob"] == b["edit_target_prob"]
+        if a["solver"] != "reference":
+            assert a["recon_latent_rmse"] != c["recon_latent_rmse"]
+    # A (solver, NFE) the file lacks stops the command before any sampling, naming the file.
+    save_grid_table(grid_file, {("euler", 2): [1.0, 0.4, 0.0]}, {})
+    capsys.readouterr()
+    assert main(_args(repo_root, tiny, tmp_path, "sampling.grid=optimized", f"sampling.grid_file={grid_file}")) == 2
+    err = capsys.readouterr().err
+    assert f"'{grid_file}' has no grid for solver 'ba' at 2 NFE" in err and "done in" not in err
+    assert not (tmp_path / "out").exists()

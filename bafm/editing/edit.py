@@ -2,7 +2,8 @@
 
 Inputs are digits from the val split (``edit.indices``, embedded default) or the images of a
 folder (``edit.image_dir``, encoded with the experiment's VAE). For every solver and NFE budget
-(``edit.solvers``, ``edit.budgets``) each latent is inverted to noise under its source class
+(``edit.solvers``, ``edit.budgets``; on ``sampling.grid``, an ``optimized`` grid read per solver and
+NFE from the grid file and run backwards for the inversion) each latent is inverted to noise under its source class
 (``t`` from 0 up to 1) and the noise is regenerated twice: under the source class (the
 reconstruction) and under ``edit.target_class`` (the edit). Written atomically to ``--out``
 (default ``edit.out_dir`` or ``runs/<experiment>/edit``):
@@ -24,17 +25,18 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from bafm.config import ExperimentConfig, run_dir, sampling_settings, to_container
-from bafm.editing.inputs import EditInputError, EditInputs, Point, check_inputs, load_inputs, plan_points
+from bafm.editing.inputs import (EditInputError, EditInputs, Point, check_inputs, load_inputs, plan_points,
+                                 point_grids)
 from bafm.editing.inversion import edit_latents
 from bafm.editing.report import (Row, latent_rmse, markdown_table, notes, psnr, render_grid, rows_to_csv,
                                  target_scores)  # fmt: skip
-from bafm.sampling import is_adaptive, steps_for_budget
+from bafm.sampling import GridSpec, is_adaptive, steps_for_budget
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -120,6 +122,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
 
     points = plan_points(cfg)
     check_inputs(cfg, points)
+    grids = point_grids(cfg, points)
     dest = output_dir(cfg, out)
     try:
         check_output_folder(dest)  # before sampling, not after
@@ -135,7 +138,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     with torch.no_grad():
         reference_images = decode_batched(decode, inputs.latents, int(cfg.edit.batch_size))
         classifier = _load_classifier(cfg, reference_images, device)
-        rows, grid_rows = _edit_all(cfg, backbone, sidenet, inputs, decode, reference_images, classifier, points)
+        rows, grid_rows = _edit_all(cfg, backbone, sidenet, inputs, decode, reference_images, classifier, grids)
     shown = slice(0, int(cfg.edit.grid_images))
     header = [f"{n} ({int(c)})" for n, c in zip(inputs.names[shown], inputs.source[shown].tolist())]
     table = markdown_table(rows)
@@ -157,14 +160,14 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
 
 def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.Module], inputs: EditInputs,
               decode: Any, reference_images: Tensor, classifier: Optional[nn.Module],
-              points: Sequence[Point]) -> Tuple[List[Row], List[Tuple[str, Tensor]]]:
-    """Every ``(solver, nfe)`` point over all inputs, in batches: metric rows and grid rows."""
+              grids: Mapping[Point, GridSpec]) -> Tuple[List[Row], List[Tuple[str, Tensor]]]:
+    """Every ``(solver, nfe)`` point (with its grid) over all inputs, in batches: metric rows and grid rows."""
     ec, settings = cfg.edit, sampling_settings(cfg, cfg_scale=cfg.edit.cfg_scale)
     target = torch.full_like(inputs.source, int(ec.target_class))
     rows: List[Row] = []
     grid_rows: List[Tuple[str, Tensor]] = []
     n, batch = inputs.latents.shape[0], int(ec.batch_size)
-    for solver, nfe in points:
+    for (solver, nfe), grid in grids.items():
         options = {"rtol": cfg.eval.reference_rtol, "atol": cfg.eval.reference_atol} if is_adaptive(solver) else {}
         recon, edits, counted = [], [], 0
         start = time.perf_counter()
@@ -173,7 +176,7 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
                 backbone.velocity, inputs.latents[lo : lo + batch], inputs.source[lo : lo + batch],
                 target[lo : lo + batch], solver, nfe, null_class=int(backbone.num_classes),
                 side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=settings.cfg_scale,
-                interval=settings.guidance_interval, grid=settings.grid, shift=settings.shift,
+                interval=settings.guidance_interval, grid=grid, shift=settings.shift,
                 **options,
             )
             recon.append(res.reconstruction)
@@ -187,7 +190,7 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
         edit_images = decode_batched(decode, edit_latents_, batch)
         prob, acc = target_scores(classifier, edit_images, int(ec.target_class))
         rows.append({
-            "solver": solver, "nfe": counted, "steps": steps_for_budget(solver, nfe),
+            "solver": solver, "grid": "adaptive" if is_adaptive(solver) else str(cfg.sampling.grid), "nfe": counted, "steps": steps_for_budget(solver, nfe),
             "recon_psnr": float(psnr(recon_images, reference_images).mean()),
             "recon_latent_rmse": latent_rmse(recon_latents, inputs.latents),
             "edit_target_prob": prob, "edit_target_acc": acc, "seconds": seconds, "n_images": n,

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bafm.config import ExperimentConfig, missing_backbone, sidenet_path
+from bafm.config import ExperimentConfig, grid_file_path, missing_backbone, sidenet_path
 from bafm.data.images import IMAGE_EXTENSIONS
 from bafm.data.manifest import latent_scaling_factor
-from bafm.sampling import is_adaptive, latent_shape, steps_for_budget
+from bafm.sampling import GridSpec, is_adaptive, latent_shape, steps_for_budget
 from bafm.solvers import SOLVERS
+from bafm.solvers.grid_store import load_grid_table
 
 Point = Tuple[str, Optional[int]]  # (solver, NFE budget); None for the adaptive reference solver
 
@@ -73,6 +74,25 @@ def plan_points(cfg: ExperimentConfig) -> List[Point]:
                 raise EditInputError(f"edit.budgets.{name}: {err}.") from None
             points.append((name, int(nfe)))
     return points
+
+
+def point_grids(cfg: ExperimentConfig, points: Sequence[Point]) -> Dict[Point, GridSpec]:
+    """The grid of every point: ``sampling.grid`` by name, or the point's stored grid when it is ``optimized``.
+
+    Adaptive solvers choose their own steps and keep the named grid (unused). An inversion runs its
+    generation grid backwards, so one optimized grid serves both directions.
+
+    Raises:
+        EditInputError: the grid file is missing or malformed, or lacks a (solver, NFE) of ``points``.
+    """
+    if str(cfg.sampling.grid) != "optimized":
+        return {point: str(cfg.sampling.grid) for point in points}
+    try:
+        table = load_grid_table(grid_file_path(cfg))
+        return {(name, nfe): ("uniform" if nfe is None or is_adaptive(name) else table.grid(name, nfe))
+                for name, nfe in points}
+    except (FileNotFoundError, ValueError) as err:
+        raise EditInputError(str(err)) from None
 
 
 def check_inputs(cfg: ExperimentConfig, points: Sequence[Point]) -> None:
