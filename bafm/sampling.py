@@ -51,6 +51,10 @@ class SamplingSettings:
     cfg_scale: float = 1.0
     guidance_interval: Optional[Tuple[float, float]] = (0.0, 0.7)
 
+    def grid_label(self) -> str:
+        """How result tables name the grid: the kind, with its shift for ``shift`` (``"shift:3"``)."""
+        return f"shift:{self.shift:g}" if self.grid == "shift" else self.grid
+
 
 def latent_shape(backbone: nn.Module) -> Tuple[int, ...]:
     """Shape ``(C, H, W)`` of one latent, read from the backbone's attributes.

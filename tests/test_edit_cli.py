@@ -217,6 +217,7 @@ def test_edit_runs_on_optimized_grids_from_the_grid_file(repo_root, tiny, tmp_pa
     uniform = run("uniform")
     assert [(r["solver"], r["grid"]) for r in optimized] == [
         ("ba", "optimized"), ("euler", "optimized"), ("euler", "optimized"), ("reference", "adaptive")]
+    assert [r["grid"] for r in shift] == ["shift:2"] * 3 + ["adaptive"]
     for a, b, c in zip(optimized, shift, uniform):  # the stored grids are the shift-2 grids, so the numbers agree
         assert a["recon_latent_rmse"] == b["recon_latent_rmse"] and a["edit_target_prob"] == b["edit_target_prob"]
         if a["solver"] != "reference":

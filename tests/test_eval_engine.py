@@ -325,7 +325,7 @@ def test_shift_and_optimized_grids_are_used_and_recorded(flow, ref_stats, tmp_pa
     opt_cfg = dataclasses.replace(SAMPLING, grid="optimized")
     optimized, _ = _sweep(flow, side, ref_stats, sampling=opt_cfg, grid_table=load_grid_table(path), **kw)
     uniform, _ = _sweep(flow, side, ref_stats, **kw)
-    assert [r["grid"] for r in shifted] == ["shift", "shift"] and [r["grid"] for r in optimized] == ["optimized"] * 2
+    assert [r["grid"] for r in shifted] == ["shift:3", "shift:3"] and [r["grid"] for r in optimized] == ["optimized"] * 2
     for a, b, u in zip(shifted, optimized, uniform):
         assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["fid"] != pytest.approx(u["fid"], rel=1e-6)
     with pytest.raises(SweepInputError, match=r"side.grids.json' has no grid for solver 'euler' at 8 NFE"):

@@ -190,7 +190,8 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
         edit_images = decode_batched(decode, edit_latents_, batch)
         prob, acc = target_scores(classifier, edit_images, int(ec.target_class))
         rows.append({
-            "solver": solver, "grid": "adaptive" if is_adaptive(solver) else str(cfg.sampling.grid), "nfe": counted, "steps": steps_for_budget(solver, nfe),
+            "solver": solver, "grid": "adaptive" if is_adaptive(solver) else settings.grid_label(), "nfe": counted,
+            "steps": steps_for_budget(solver, nfe),
             "recon_psnr": float(psnr(recon_images, reference_images).mean()),
             "recon_latent_rmse": latent_rmse(recon_latents, inputs.latents),
             "edit_target_prob": prob, "edit_target_acc": acc, "seconds": seconds, "n_images": n,

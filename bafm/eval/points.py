@@ -85,15 +85,17 @@ class SweepContext:
     grid_table: Optional[GridTable] = None  # optimized grids, for sampling.grid = optimized
 
     def grid_name(self, solver: str) -> str:
-        """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers, ``adaptive`` otherwise."""
+        """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers (``shift:<s>`` with its shift), else ``adaptive``."""
         st = self.settings
         if solver == REFERENCE and st.reference_solver == "rk4":
             return "uniform"  # the fixed-step reference's own grid (see reference_solve)
-        return "adaptive" if SOLVERS[solver].nfe_per_step is None else st.sampling.grid
+        if SOLVERS[solver].nfe_per_step is None:
+            return "adaptive"
+        return st.sampling.grid_label()
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
-        if self.grid_name(point.solver) != "optimized":
+        if SOLVERS[point.solver].nfe_per_step is None or self.settings.sampling.grid != "optimized":
             return None
         if self.grid_table is None:
             raise ValueError("sampling.grid is 'optimized' but no grid table was loaded")
