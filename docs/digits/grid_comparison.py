@@ -10,13 +10,17 @@ grid it used), averages the seeds, and writes
 * ``docs/digits/adaptive_vs_fixed.png``: BA's trajectory error versus (mean) NFE on uniform and
   optimized grids and with step-size control, against Euler-100's;
 
-and prints the Markdown tables quoted in the README.
+and prints the Markdown tables quoted in the README: the grids compared, adaptive BA, and (with
+``grids:PATH``, the optimized-grid file) how the calibration error of each searched grid transfers
+to the held-out seeds, with the search's cost.
 
 Usage:
-    .venv/bin/python docs/digits/grid_comparison.py 0:runs/.../results.csv 100000:runs/.../results.csv ...
+    .venv/bin/python docs/digits/grid_comparison.py 0:runs/.../results.csv 100000:runs/.../results.csv ... \
+        grids:checkpoints/digits/sidenet.grids.json
 """
 
 import csv
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -152,12 +156,57 @@ def markdown(rows, seeds):
     return "\n".join(lines + adaptive)
 
 
+def targets(rows):
+    """The grid targets, from the seed means: BA-5 optimized vs uniform BA-7, and BA vs the rivals per budget."""
+    at = {(r["solver"], r["grid"], r["nfe"]): r for r in rows}
+    lines = []
+    ba5, ba7 = at.get(("ba", "optimized", 5)), at.get(("ba", "uniform", 7))
+    if ba5 and ba7:
+        lines.append(f"optimized BA-5 vs uniform BA-7: traj {ba5['traj_rmse']:.4f} vs {ba7['traj_rmse']:.4f}, "
+                     f"FID {ba5['fid']:.3f} vs {ba7['fid']:.3f}")
+    for nfe in sorted({n for s, g, n in at if s == "ba" and g == "optimized" and n <= 10}):
+        rivals = {s: at[(s, "optimized", nfe)] for s in SOLVERS[1:] if (s, "optimized", nfe) in at}
+        if rivals:
+            best = min(rivals, key=lambda s: rivals[s]["fid"])
+            lines.append(f"{nfe} NFE, optimized grids: BA FID {at[('ba', 'optimized', nfe)]['fid']:.3f}, "
+                         f"best rival {best} {rivals[best]['fid']:.3f}")
+    return "\n".join(lines)
+
+
+def transfer(rows, seeds, grid_file):
+    """Calibration error of each searched grid against its held-out error per seed, and the cost."""
+    results = json.loads(Path(grid_file).read_text())["results"]
+    held = {(r["solver"], r["nfe"]): r for r in rows if r["grid"] == "optimized"}
+    lines = ["| solver | NFE | calibration uniform → optimized | held-out " + " / ".join(f"seed {s}" for s in seeds)
+             + " | held-out vs calibration | evaluations | search minutes | backbone calls (batches) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    minutes = calls = 0.0
+    for solver in SOLVERS:
+        for nfe in sorted(int(n) for n in results.get(solver, {})):
+            r, h = results[solver][str(nfe)], held.get((solver, nfe))
+            minutes, calls = minutes + r["seconds"] / 60, calls + r["backbone_calls"]
+            if h is None:
+                continue
+            per_seed = " / ".join(f"{h[f'traj_rmse_seed{s}']:.4f}" for s in seeds)
+            gap = max(abs(h[f"traj_rmse_seed{s}"] / r["optimized"] - 1) for s in seeds)
+            lines.append(f"| {solver} | {nfe} | {r['uniform']:.4f} → {r['optimized']:.4f} | {per_seed} | "
+                         f"≤ {gap:.1%} | {r['evals']} | {r['seconds'] / 60:.1f} | {r['backbone_calls']} |")
+    lines.append(f"\nSearch total: {minutes:.1f} min, {calls:.0f} batched backbone calls.")
+    return "\n".join(lines)
+
+
 def main(specs):
-    seeds, rows = summarise(read_rows(specs))
+    grid_files = [s.split(":", 1)[1] for s in specs if s.startswith("grids:")]
+    seeds, rows = summarise(read_rows([s for s in specs if not s.startswith("grids:")]))
     write_csv(rows, seeds, OUT / "grid_comparison.csv")
     plot_grids(rows, seeds, OUT / "grids_vs_nfe.png")
     plot_adaptive(rows, OUT / "adaptive_vs_fixed.png")
     print(markdown(rows, seeds))
+    print()
+    print(targets(rows))
+    for grid_file in grid_files:
+        print()
+        print(transfer(rows, seeds, grid_file))
 
 
 if __name__ == "__main__":
