@@ -40,7 +40,7 @@ eval-nfe-sweep: setup ## FID/IS/trajectory error per solver and NFE budget (OUT=
 	$(BAFM) eval-nfe-sweep --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
 optimize-grid: setup ## Search time grids per solver and NFE (JSON beside the SideNet; OUT=<file.json> to redirect)
-	$(BAFM) optimize-grid --config $(EXP) $(OUT_ARG) $(ARGS)
+	$(BAFM) optimize-grid --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
 edit: setup ## Invert images and regenerate them under another class
 	$(BAFM) edit --config "$(EXP)" $(OUT_ARG) $(ARGS)
