@@ -226,11 +226,25 @@ def sidenet_path(cfg: ExperimentConfig) -> Path:
 
 
 def grid_file_path(cfg: ExperimentConfig) -> Path:
-    """Optimized grids: ``sampling.grid_file``, else ``<stem>.grids.json`` beside ``sidenet_path(cfg)``."""
+    """Where ``bafm optimize-grid`` writes: ``sampling.grid_file``, else ``<stem>.grids.json`` in the run folder.
+
+    ``<stem>`` is the SideNet in use's. The run folder, not the SideNet's own folder, so a search never
+    rewrites the grids shipped beside a committed SideNet.
+    """
     if cfg.sampling.grid_file:
         return Path(cfg.sampling.grid_file)
+    return run_dir(cfg) / f"{sidenet_path(cfg).stem}.grids.json"
+
+
+def grid_file_candidates(cfg: ExperimentConfig) -> List[Path]:
+    """Where ``sampling.grid=optimized`` looks, in order: ``sampling.grid_file`` alone when set; else
+    ``grid_file_path(cfg)`` (a search's output), then ``<stem>.grids.json`` beside the SideNet in use
+    (grids shipped with it)."""
+    if cfg.sampling.grid_file:
+        return [Path(cfg.sampling.grid_file)]
     side = sidenet_path(cfg)
-    return side.with_name(f"{side.stem}.grids.json")
+    searched, shipped = grid_file_path(cfg), side.with_name(f"{side.stem}.grids.json")
+    return [searched] if searched == shipped else [searched, shipped]
 
 
 def sampling_settings(cfg: ExperimentConfig, cfg_scale: Optional[float] = None) -> "SamplingSettings":

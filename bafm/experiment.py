@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from bafm.config import sidenet_choice, sidenet_path
+from bafm.config import grid_file_candidates, sidenet_choice, sidenet_path
+from bafm.io import sha256_file
 from bafm.models.fast import apply_speed_switches
 from bafm.models.loading import load_backbone, load_sidenet
 from bafm.sampling import uses_side_fn
 from bafm.solvers import SOLVERS
+from bafm.solvers.grid_store import GridTable, load_grid_table
 
 
 def needs_sidenet(solvers: Sequence[str]) -> bool:
@@ -54,3 +57,42 @@ def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) ->
     backbone = apply_speed_switches(backbone, **speed_switches(bc))
     sidenet = apply_speed_switches(sidenet, **speed_switches(cfg.sidenet)) if sidenet is not None else None
     return backbone, sidenet
+
+
+def sidenet_fingerprint(path: Path) -> Optional[str]:
+    """sha256 of the SideNet file at ``path`` (None when there is none): what optimized grids are tied to."""
+    return sha256_file(path) if Path(path).is_file() else None
+
+
+def check_grids_match_sidenet(table: GridTable, side: Path) -> None:
+    """Raise unless ``table`` was searched for the SideNet file ``side`` (when the table records one).
+
+    Raises:
+        ValueError: names the grid file, both SideNets and what to do.
+    """
+    recorded = table.meta.get("models", {}).get("sidenet_sha256")
+    actual = sidenet_fingerprint(side)
+    if recorded and actual and recorded != actual:
+        raise ValueError(
+            f"optimized grid file '{table.path}' was searched for another SideNet (sha256 {recorded[:12]}), not "
+            f"'{side}' (sha256 {actual[:12]}); run `make optimize-grid` for this SideNet, or point "
+            "sampling.grid_file at grids searched for it"
+        )
+
+
+def load_optimized_grids(cfg: Any) -> GridTable:
+    """The optimized grids of the SideNet in use, from the first of ``grid_file_candidates(cfg)`` that exists.
+
+    Raises:
+        FileNotFoundError: none exists (names every place looked and how to make one).
+        ValueError: the file is malformed, or was searched for another SideNet.
+    """
+    candidates = grid_file_candidates(cfg)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        looked = " or ".join(f"'{p}'" for p in candidates)
+        raise FileNotFoundError(f"no optimized grid file at {looked}; make one with `make optimize-grid` "
+                                "(or point sampling.grid_file at one)")
+    table = load_grid_table(path)
+    check_grids_match_sidenet(table, sidenet_path(cfg))
+    return table

@@ -124,7 +124,9 @@ class SamplingConfig:
     guidance_interval: List[float] = field(default_factory=lambda: [0.0, 0.7])  # CFG for t in (lo, hi]
     grid: str = "uniform"  # uniform | shift (SD3 time shift by `shift`) | optimized (`bafm optimize-grid`)
     shift: float = 1.0
-    grid_file: str = ""  # optimized grids JSON; empty: <sidenet stem>.grids.json beside the SideNet in use
+    # optimized grids JSON; empty: <runs_dir>/<name>/<sidenet stem>.grids.json (what optimize-grid writes), else
+    # the one shipped beside the SideNet in use. Grids searched for another SideNet are refused (sha256).
+    grid_file: str = ""
 
 
 @dataclass
@@ -188,7 +190,7 @@ class GridSearchConfig:
     seed: int = 1_000_000
     batch_size: int = 256
     method: str = "nelder-mead"  # nelder-mead | powell (scipy.optimize, derivative-free)
-    max_evals: int = 150  # objective evaluations per (solver, NFE), the uniform start included
+    max_evals: int = 100  # objective evaluations per (solver, NFE), the uniform start included
 
 
 @dataclass

@@ -12,7 +12,8 @@ from bafm.eval.grid_search import Calibration, grid_from_params, params_from_gri
 from bafm.eval.report import read_csv
 from bafm.models.analytic import GaussianMixtureFlow
 from bafm.sampling import SamplingSettings
-from bafm.solvers.grid_store import load_grid_table
+from bafm.io import sha256_file
+from bafm.solvers.grid_store import load_grid_table, save_grid_table
 
 SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
 
@@ -62,18 +63,23 @@ def _args(repo_root, tiny, side, tmp_path, command="optimize-grid", *extra, out=
     ]
 
 
-def test_cli_writes_grids_beside_the_sidenet_and_the_sweep_uses_them(repo_root, tiny, tmp_path, capsys):
+def test_cli_writes_grids_to_the_run_folder_and_the_sweep_uses_them(repo_root, tiny, tmp_path, capsys):
     side = tmp_path / "ckpt" / "sidenet.safetensors"
     side.parent.mkdir()
     shutil.copy(tiny / "sidenet.safetensors", side)
+    shipped = side.with_name("sidenet.grids.json")  # grids shipped beside the SideNet: read, never rewritten
+    save_grid_table(shipped, {("euler", 3): [1.0, 0.9, 0.1, 0.0]}, {})
+    before = shipped.read_text()
     assert main(_args(repo_root, tiny, side, tmp_path)) == 0
-    path = tmp_path / "ckpt" / "sidenet.grids.json"
+    path = tmp_path / "runs" / "digits" / "sidenet.grids.json"
     assert capsys.readouterr().out.strip() == f"grids: {path}"
+    assert shipped.read_text() == before
     table = load_grid_table(path)
-    assert sorted(table.grids) == [("ba", 2), ("euler", 3)]
+    assert sorted(table.grids) == [("ba", 2), ("euler", 3)] and table.grids[("euler", 3)] != [1.0, 0.9, 0.1, 0.0]
     meta = table.meta
     assert meta["calibration"]["seeds"] == [1_000_000, 1_000_005] and meta["search"]["method"] == "nelder-mead"
     assert meta["models"]["sidenet"] == str(side) and "traj_rmse" in meta["objective"]["metric"]
+    assert meta["models"]["sidenet_sha256"] == sha256_file(side)
     for solver, nfe in table.grids:
         result = meta["results"][solver][str(nfe)]
         assert result["optimized"] <= result["uniform"] and 1 <= result["evals"] <= 8
@@ -157,7 +163,7 @@ def test_each_result_records_the_settings_that_found_it_and_a_bad_file_is_kept(r
     assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
                       "optimize_grid.budgets={euler: [3]}", "optimize_grid.seed=2000000",
                       "optimize_grid.max_evals=5")) == 0
-    path = tmp_path / "ckpt" / "sidenet.grids.json"
+    path = tmp_path / "runs" / "digits" / "sidenet.grids.json"
     results = load_grid_table(path).meta["results"]["euler"]
     assert results["2"]["calibration"] == {"seed": 1_000_000, "num_samples": 6}
     assert results["2"]["search"] == {"method": "nelder-mead", "max_evals": 8}
@@ -170,3 +176,30 @@ def test_each_result_records_the_settings_that_found_it_and_a_bad_file_is_kept(r
     err = capsys.readouterr().err
     assert f"{path}: grids.euler.2" in err and "pass another file (--out)" in err
     assert path.read_text() == before
+
+
+def test_the_shipped_grids_are_read_and_grids_of_another_sidenet_are_refused(repo_root, tiny, tmp_path, capsys):
+    side = tmp_path / "ckpt" / "sidenet.safetensors"
+    side.parent.mkdir()
+    shutil.copy(tiny / "sidenet.safetensors", side)
+    shipped = side.with_name("sidenet.grids.json")
+    grids = {("euler", 3): [1.0, 0.6, 0.2, 0.0], ("ba", 2): [1.0, 0.4, 0.0]}
+    save_grid_table(shipped, grids, {"models": {"sidenet_sha256": sha256_file(side)}})
+    sweep = ["eval.num_samples=6", "eval.batch_size=6", "eval.grid_images=0", "sampling.grid=optimized",
+             "eval.solvers=[euler,ba]", "eval.budgets={euler: [3], ba: [2]}"]
+    assert main(_args(repo_root, tiny, side, tmp_path, "eval-nfe-sweep", *sweep, out=tmp_path / "sweep")) == 0
+    assert [r["grid"] for r in read_csv(tmp_path / "sweep" / "results.csv")][1:] == ["optimized", "optimized"]
+    # Grids recorded for another SideNet: the sweep and a search into that file stop, and the file is kept.
+    save_grid_table(shipped, grids, {"models": {"sidenet_sha256": "0" * 64}})
+    before = shipped.read_text()
+    capsys.readouterr()
+    assert main(_args(repo_root, tiny, side, tmp_path, "eval-nfe-sweep", *sweep, out=tmp_path / "sweep2")) == 2
+    err = capsys.readouterr().err
+    assert f"'{shipped}' was searched for another SideNet (sha256 000000000000)" in err and "make optimize-grid" in err
+    assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", out=shipped)) == 2
+    assert "Its grids are kept" in capsys.readouterr().err and shipped.read_text() == before
+    # No grid file anywhere: one line naming every place looked.
+    shipped.unlink()
+    assert main(_args(repo_root, tiny, side, tmp_path, "eval-nfe-sweep", *sweep, out=tmp_path / "sweep3")) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 'runs' / 'digits' / 'sidenet.grids.json'}' or '{shipped}'" in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -16,16 +15,7 @@ import webdataset as wds
 from bafm.data.manifest import CLS, MOMENTS, MOMENTS_FLIP, RECORDS_DIR
 from bafm.data.npy_codec import encode_npy
 from bafm.data.shard_reader import iter_samples, open_shard
-from bafm.io import atomic_write_json
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from bafm.io import atomic_write_json, sha256_file
 
 
 

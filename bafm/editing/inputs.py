@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bafm.config import ExperimentConfig, grid_file_path, missing_backbone, sidenet_path
+from bafm.config import ExperimentConfig, missing_backbone, sidenet_path
 from bafm.data.images import IMAGE_EXTENSIONS
 from bafm.data.manifest import latent_scaling_factor
 from bafm.sampling import GridSpec, is_adaptive, latent_shape, steps_for_budget
 from bafm.solvers import SOLVERS
-from bafm.solvers.grid_store import load_grid_table
 
 Point = Tuple[str, Optional[int]]  # (solver, NFE budget); None for the adaptive reference solver
 
@@ -87,8 +86,10 @@ def point_grids(cfg: ExperimentConfig, points: Sequence[Point]) -> Dict[Point, G
     """
     if str(cfg.sampling.grid) != "optimized":
         return {point: str(cfg.sampling.grid) for point in points}
+    from bafm.experiment import load_optimized_grids
+
     try:
-        table = load_grid_table(grid_file_path(cfg))
+        table = load_optimized_grids(cfg)
         return {(name, nfe): ("uniform" if nfe is None or is_adaptive(name) else table.grid(name, nfe))
                 for name, nfe in points}
     except (FileNotFoundError, ValueError) as err:

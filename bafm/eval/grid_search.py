@@ -14,8 +14,9 @@ a valid grid (strictly decreasing, exactly 1 and 0 at the ends); it starts from 
 calibration set. The solvers take grids as plain floats (``check_grid``), so no gradient flows
 through them; a derivative-free search tunes exactly the registered solvers.
 
-Grids are written, with the seeds, the objective and the search settings, to the JSON beside the
-SideNet in use (``bafm.config.grid_file_path``) or ``--out``, merged into the grids already there
+Grids are written, with the seeds, the objective, the search settings and the sha256 of the SideNet
+they were searched for, to ``<runs_dir>/<name>/<sidenet stem>.grids.json``
+(``bafm.config.grid_file_path``) or ``--out``, merged into the grids already there
 as soon as each one is found (under a lock, so concurrent searches into one file keep each other's
 grids, and an interrupted search keeps the ones it finished).
 """
@@ -186,7 +187,7 @@ def plan_search(cfg: ExperimentConfig) -> List[Tuple[str, int]]:
 
 
 def output_path(cfg: ExperimentConfig, out: Optional[str]) -> Path:
-    """``--out`` (a ``.json`` file, or a folder for ``<sidenet stem>.grids.json``), else beside the SideNet."""
+    """``--out`` (a ``.json`` file, or a folder for ``<sidenet stem>.grids.json``), else ``grid_file_path(cfg)``."""
     default = grid_file_path(cfg)
     if not out:
         return default
@@ -202,7 +203,7 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
     Raises:
         GridSearchError: bad input (before any model is loaded).
     """
-    from bafm.experiment import load_models
+    from bafm.experiment import check_grids_match_sidenet, load_models, sidenet_fingerprint
 
     pairs = plan_search(cfg)
     oc, ec = cfg.optimize_grid, cfg.eval
@@ -217,8 +218,11 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
         check_output_folder(dest.parent)
     except OutputFolderError as err:
         raise GridSearchError(str(err)) from None
-    if dest.is_file():
-        _read_table(dest)  # an unreadable file stops the run before any sampling, and is never replaced
+    if dest.is_file():  # an unreadable file, or one of another SideNet, stops the run before any sampling
+        try:
+            check_grids_match_sidenet(_read_table(dest), side)
+        except ValueError as err:
+            raise GridSearchError(f"{err}. Its grids are kept: move it away or pass another file (--out)") from None
     name = str(ec.device)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     backbone, sidenet = load_models(cfg, solvers, device)
@@ -241,7 +245,8 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
         "objective": {"metric": OBJECTIVE, "reference": {"solver": REFERENCE, "rtol": float(ec.reference_rtol),
                                                          "atol": float(ec.reference_atol)}},
         **settings,  # of the latest run; each result also records the settings that found it
-        "models": {"backbone": str(cfg.backbone.path), "sidenet": str(side)},
+        "models": {"backbone": str(cfg.backbone.path), "sidenet": str(side),
+                   "sidenet_sha256": sidenet_fingerprint(side)},  # sampling.grid=optimized checks it
     }
     for solver, nfe in pairs:
         found = search_grid(calibration, solver, nfe, str(oc.method), int(oc.max_evals))

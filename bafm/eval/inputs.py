@@ -15,13 +15,13 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from bafm.config import grid_file_path, missing_backbone, sampling_settings, sidenet_path
+from bafm.config import missing_backbone, sampling_settings, sidenet_path
 from bafm.eval.engine import SweepEngine
 from bafm.eval.features import FeatureExtractor, build_feature_extractor, check_feature_extractor_files
 from bafm.eval.metrics import FeatureStats
 from bafm.eval.plan import SweepInputError, SweepPoint, SweepSettings, plan_sweep
 from bafm.eval.reference_stats import check_reference_source, resolve_reference_stats
-from bafm.solvers.grid_store import load_grid_table
+from bafm.experiment import load_optimized_grids
 
 
 def check_eval_files(cfg: Any) -> None:
@@ -122,7 +122,7 @@ def build_sweep_engine(cfg: Any, device: torch.device | str = "cpu") -> SweepEng
     table = None
     if str(cfg.sampling.grid) == "optimized":
         try:
-            table = load_grid_table(grid_file_path(cfg))
+            table = load_optimized_grids(cfg)
         except (FileNotFoundError, ValueError) as err:
             raise SweepInputError(str(err)) from None
     decoder, extractor, stats = build_eval_inputs(cfg, device)
