@@ -42,6 +42,7 @@ from bafm.solvers.grid_store import GridTable, load_grid_table, save_grid_table
 from bafm.solvers.grids import steps_for_nfe, uniform_grid
 
 SEARCH_METHODS = ("nelder-mead", "powell")
+KEEP_HINT = "its grids are kept: move it away or pass another file (--out)"
 OBJECTIVE = "mean over calibration samples of the RMS latent distance to the reference solver's sample (traj_rmse)"
 
 
@@ -219,10 +220,11 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
     except OutputFolderError as err:
         raise GridSearchError(str(err)) from None
     if dest.is_file():  # an unreadable file, or one of another SideNet, stops the run before any sampling
+        table = _read_table(dest)
         try:
-            check_grids_match_sidenet(_read_table(dest), side)
+            check_grids_match_sidenet(table, side)
         except ValueError as err:
-            raise GridSearchError(f"{err}. Its grids are kept: move it away or pass another file (--out)") from None
+            raise GridSearchError(f"{err}; {KEEP_HINT}") from None
     name = str(ec.device)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     backbone, sidenet = load_models(cfg, solvers, device)
@@ -264,7 +266,7 @@ def _read_table(path: Path) -> GridTable:
     try:
         return load_grid_table(path)
     except ValueError as err:
-        raise GridSearchError(f"{err}; move it away or pass another file (--out)") from None
+        raise GridSearchError(f"{err}; {KEEP_HINT}") from None
 
 
 def merge_grid(dest: Path, solver: str, nfe: int, grid: Sequence[float], result: Dict[str, Any],
