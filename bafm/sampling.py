@@ -51,10 +51,6 @@ class SamplingSettings:
     cfg_scale: float = 1.0
     guidance_interval: Optional[Tuple[float, float]] = (0.0, 0.7)
 
-    def grid_label(self) -> str:
-        """How result tables name the grid: the kind, with its shift for ``shift`` (``"shift:3"``)."""
-        return f"shift:{self.shift:g}" if self.grid == "shift" else self.grid
-
 
 def latent_shape(backbone: nn.Module) -> Tuple[int, ...]:
     """Shape ``(C, H, W)`` of one latent, read from the backbone's attributes.
@@ -136,6 +132,14 @@ def uses_side_fn(solver: str) -> bool:
 def is_adaptive(solver: str) -> bool:
     """Whether a registered solver picks its own steps (``reference``), so has no NFE budget."""
     return get_solver(solver).nfe_per_step is None
+
+
+def grid_label(solver: str, sampling: SamplingSettings) -> str:
+    """A result row's ``grid`` column: ``adaptive`` for a solver that picks its own steps, else
+    ``sampling.grid``, with its shift for ``shift`` (``"shift:3"``)."""
+    if is_adaptive(solver):
+        return "adaptive"
+    return f"shift:{sampling.shift:g}" if sampling.grid == "shift" else sampling.grid
 
 
 def steps_for_budget(solver: str, nfe: Optional[int]) -> int:

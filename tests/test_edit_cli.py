@@ -210,8 +210,8 @@ def test_edit_runs_on_optimized_grids_from_the_grid_file(repo_root, tiny, tmp_pa
 
     points = {("ba", 2): 2, ("euler", 2): 2, ("euler", 3): 3}
     grid_file = tmp_path / "grids.json"
-    save_grid_table(grid_file, {p: shifted_grid(steps, 2.0, dtype=torch.float64).tolist() for p, steps in points.items()},
-                    {})
+    save_grid_table(grid_file, {p: shifted_grid(steps, 2.0, dtype=torch.float64).tolist()
+                                for p, steps in points.items()}, {})
     optimized = run("optimized", "sampling.grid=optimized", f"sampling.grid_file={grid_file}")
     shift = run("shift", "sampling.grid=shift", "sampling.shift=2")
     uniform = run("uniform")

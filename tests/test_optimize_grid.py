@@ -134,7 +134,8 @@ def _merge_many(dest: str, solver: str, count: int, barrier) -> None:
     barrier.wait()
     for nfe in range(2, 2 + count):
         grid = [1.0 - k / nfe for k in range(nfe)] + [0.0]
-        grid_search.merge_grid(Path(dest), solver, nfe, grid, {"optimized": 0.0}, {"objective": {"metric": "traj_rmse"}})
+        grid_search.merge_grid(Path(dest), solver, nfe, grid, {"optimized": 0.0},
+                               {"objective": {"metric": "traj_rmse"}})
 
 
 def test_concurrent_searches_into_one_file_keep_every_grid(tmp_path):
@@ -143,7 +144,8 @@ def test_concurrent_searches_into_one_file_keep_every_grid(tmp_path):
     dest = tmp_path / "sidenet.grids.json"
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(3)
-    procs = [ctx.Process(target=_merge_many, args=(str(dest), solver, 12, barrier)) for solver in ("euler", "ab2", "ipndm")]
+    procs = [ctx.Process(target=_merge_many, args=(str(dest), solver, 12, barrier))
+             for solver in ("euler", "ab2", "ipndm")]
     for p in procs:
         p.start()
     for p in procs:

@@ -2,10 +2,10 @@
 
 Inputs are digits from the val split (``edit.indices``, embedded default) or the images of a
 folder (``edit.image_dir``, encoded with the experiment's VAE). For every solver and NFE budget
-(``edit.solvers``, ``edit.budgets``; on ``sampling.grid``, an ``optimized`` grid read per solver and
-NFE from the grid file and run backwards for the inversion) each latent is inverted to noise under its source class
-(``t`` from 0 up to 1) and the noise is regenerated twice: under the source class (the
-reconstruction) and under ``edit.target_class`` (the edit). Written atomically to ``--out``
+(``edit.solvers``, ``edit.budgets``; on ``sampling.grid``, an ``optimized`` grid read per solver
+and NFE from the grid file and run backwards for the inversion) each latent is inverted to noise
+under its source class (``t`` from 0 up to 1) and the noise is regenerated twice: under the source
+class (the reconstruction) and under ``edit.target_class`` (the edit). Written atomically to ``--out``
 (default ``edit.out_dir`` or ``runs/<experiment>/edit``):
 
 * ``edit_results.csv`` / ``edit_results.md``: per solver and NFE, ``recon_psnr`` (dB, decoded
@@ -36,7 +36,7 @@ from bafm.editing.inputs import (EditInputError, EditInputs, Point, check_inputs
 from bafm.editing.inversion import edit_latents
 from bafm.editing.report import (Row, latent_rmse, markdown_table, notes, psnr, render_grid, rows_to_csv,
                                  target_scores)  # fmt: skip
-from bafm.sampling import GridSpec, is_adaptive, steps_for_budget
+from bafm.sampling import GridSpec, grid_label, is_adaptive, steps_for_budget
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -190,7 +190,7 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
         edit_images = decode_batched(decode, edit_latents_, batch)
         prob, acc = target_scores(classifier, edit_images, int(ec.target_class))
         rows.append({
-            "solver": solver, "grid": "adaptive" if is_adaptive(solver) else settings.grid_label(), "nfe": counted,
+            "solver": solver, "grid": grid_label(solver, settings), "nfe": counted,
             "steps": steps_for_budget(solver, nfe),
             "recon_psnr": float(psnr(recon_images, reference_images).mean()),
             "recon_latent_rmse": latent_rmse(recon_latents, inputs.latents),

@@ -90,8 +90,7 @@ def point_grids(cfg: ExperimentConfig, points: Sequence[Point]) -> Dict[Point, G
 
     try:
         table = load_optimized_grids(cfg)
-        return {(name, nfe): ("uniform" if nfe is None or is_adaptive(name) else table.grid(name, nfe))
-                for name, nfe in points}
+        return {(name, nfe): "uniform" if is_adaptive(name) else table.grid(name, nfe) for name, nfe in points}
     except (FileNotFoundError, ValueError) as err:
         raise EditInputError(str(err)) from None
 

@@ -16,8 +16,8 @@ from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
-from bafm.sampling import REFERENCE, reference_solve, sample_labels, sample_noise, solve_batch
-from bafm.solvers import SOLVERS
+from bafm.sampling import (REFERENCE, grid_label, is_adaptive, reference_solve, sample_labels, sample_noise,
+                           solve_batch)
 from bafm.solvers.grid_store import GridTable
 
 
@@ -85,17 +85,15 @@ class SweepContext:
     grid_table: Optional[GridTable] = None  # optimized grids, for sampling.grid = optimized
 
     def grid_name(self, solver: str) -> str:
-        """The ``grid`` column: ``sampling.grid`` for fixed-grid solvers (``shift:<s>`` with its shift), else ``adaptive``."""
+        """The ``grid`` column (``bafm.sampling.grid_label``; ``uniform`` for the RK4 reference)."""
         st = self.settings
         if solver == REFERENCE and st.reference_solver == "rk4":
             return "uniform"  # the fixed-step reference's own grid (see reference_solve)
-        if SOLVERS[solver].nfe_per_step is None:
-            return "adaptive"
-        return st.sampling.grid_label()
+        return grid_label(solver, st.sampling)
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
-        if SOLVERS[point.solver].nfe_per_step is None or self.settings.sampling.grid != "optimized":
+        if is_adaptive(point.solver) or self.settings.sampling.grid != "optimized":
             return None
         if self.grid_table is None:
             raise ValueError("sampling.grid is 'optimized' but no grid table was loaded")
