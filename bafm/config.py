@@ -122,6 +122,7 @@ _RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "data.shuffle_buffer": (lambda v: v >= 0, "an integer >= 0 (0: no shuffling)"),
     "data.samples_per_shard": (lambda v: v >= 1, "an integer >= 1"),
     "data.encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.max_sequence_length": (lambda v: v >= 1, "an integer >= 1"),
     "loss.links": (lambda v: v >= 1, "an integer >= 1"),
     "loss.offset_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.p_backward": (_probability, "a probability in [0, 1]"),
@@ -134,6 +135,10 @@ _RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "trainer.checkpoint_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
     "sampling.cfg_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (1: no guidance)"),
     "sampling.shift": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "sample.nfe": (lambda v: v >= 1, "an integer >= 1"),
+    "sample.num_images": (lambda v: v >= 1, "an integer >= 1"),
+    "sample.height": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 pixels"),
+    "sample.width": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 pixels"),
     "eval.num_samples": (lambda v: v >= 2, "an integer >= 2 (FID needs at least two samples)"),
     "eval.callback_num_samples": (lambda v: v >= 2, "an integer >= 2 (FID needs at least two samples)"),
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -145,9 +150,9 @@ def _validate_values(cfg: DictConfig) -> None:
     """Check enumerated string values and numeric ranges, which OmegaConf types cannot express."""
     choices = {
         "data.on_error": ("raise", "skip"),
-        "data.source": ("digits", "folder"),
-        "backbone.source": ("repa", "sit"),
-        "sampling.grid": ("uniform", "shift", "optimized"),
+        "data.source": ("digits", "folder", "captions"),
+        "backbone.source": ("repa", "sit", "sd3", "flux"),
+        "sampling.grid": ("uniform", "shift", "optimized", "sd3", "flux"),
         "eval.feature_extractor": ("classifier", "inception"),
         "optimize_grid.method": ("nelder-mead", "powell"),
         "eval.reference_solver": ("dopri5", "rk4"),
@@ -254,4 +259,5 @@ def sampling_settings(cfg: ExperimentConfig, cfg_scale: Optional[float] = None) 
     sc = cfg.sampling
     return SamplingSettings(grid=str(sc.grid), shift=float(sc.shift),
                             cfg_scale=float(sc.cfg_scale if cfg_scale is None else cfg_scale),
-                            guidance_interval=tuple(float(v) for v in sc.guidance_interval))  # fmt: skip
+                            guidance_interval=tuple(float(v) for v in sc.guidance_interval),
+                            mu=None if sc.mu is None else float(sc.mu))  # fmt: skip

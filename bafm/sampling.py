@@ -40,16 +40,18 @@ class SamplingSettings:
     """How a batch is sampled: the time grid and classifier-free guidance.
 
     Attributes:
-        grid: grid kind, ``"uniform"`` or ``"shift"``.
-        shift: time shift of ``"shift"`` grids.
+        grid: grid kind, ``"uniform"``, ``"shift"``, ``"sd3"`` or ``"flux"``.
+        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
         cfg_scale: guidance scale; 1.0 disables guidance.
         guidance_interval: guidance only for ``lo < t <= hi``; None: at every ``t``.
+        mu: log shift of ``"flux"`` grids (None: from the image size, where the caller knows it).
     """
 
     grid: str = "uniform"
     shift: float = 1.0
     cfg_scale: float = 1.0
     guidance_interval: Optional[Tuple[float, float]] = (0.0, 0.7)
+    mu: Optional[float] = None
 
 
 def latent_shape(backbone: nn.Module) -> Tuple[int, ...]:
@@ -139,7 +141,11 @@ def grid_label(solver: str, sampling: SamplingSettings) -> str:
     ``sampling.grid``, with its shift for ``shift`` (``"shift:3"``)."""
     if is_adaptive(solver):
         return "adaptive"
-    return f"shift:{sampling.shift:g}" if sampling.grid == "shift" else sampling.grid
+    if sampling.grid in ("shift", "sd3"):
+        return f"{sampling.grid}:{sampling.shift:g}"
+    if sampling.grid == "flux" and sampling.mu is not None:
+        return f"flux:{sampling.mu:g}"
+    return sampling.grid
 
 
 def steps_for_budget(solver: str, nfe: Optional[int]) -> int:
@@ -174,17 +180,19 @@ def time_grid(
     increasing: bool = False,
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device | str] = None,
+    mu: Optional[float] = None,
 ) -> Tensor:
     """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for adaptive solvers.
 
     Args:
         solver: solver name.
         steps: grid intervals (ignored by adaptive solvers: ``reference``, ``ba-adaptive``).
-        grid: grid kind, ``"uniform"`` or ``"shift"``.
-        shift: time shift of ``"shift"`` grids.
+        grid: grid kind (``bafm.solvers.grids.GRID_KINDS`` but ``"optimized"``).
+        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
         increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
         dtype: grid dtype; the solver rounds it to the state's dtype.
         device: grid device.
+        mu: log shift of ``"flux"`` grids.
 
     Returns:
         Strictly monotone 1-D grid between 1 and 0; inversion and generation with the same
@@ -193,7 +201,7 @@ def time_grid(
     if is_adaptive(solver):
         t_grid = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
     else:
-        t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device)
+        t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device, mu=mu)
     return t_grid.flip(0) if increasing else t_grid
 
 
@@ -206,6 +214,7 @@ def solve_grid(
     increasing: bool,
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device | str] = None,
+    mu: Optional[float] = None,
 ) -> Tensor:
     """The time grid of one solve that spends an NFE budget.
 
@@ -214,10 +223,11 @@ def solve_grid(
         nfe: NFE budget (None for an adaptive solver, or to take the steps from an explicit grid).
         grid: ``"uniform"`` / ``"shift"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
             explicit strictly monotone grid between 0 and 1 in either orientation.
-        shift: time shift of ``"shift"`` grids.
+        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
         increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
         dtype: dtype of a named grid (an explicit one keeps its own).
         device: device of the grid.
+        mu: log shift of ``"flux"`` grids.
 
     Returns:
         1-D grid from 0 to 1 (``increasing``) or from 1 to 0.
@@ -226,7 +236,7 @@ def solve_grid(
         ValueError: unknown grid kind, a budget that the explicit grid does not spend, bad budget.
     """
     if isinstance(grid, str):
-        t_grid = make_grid(grid, steps_for_budget(solver, nfe), shift=shift, dtype=dtype, device=device)
+        t_grid = make_grid(grid, steps_for_budget(solver, nfe), shift=shift, dtype=dtype, device=device, mu=mu)
     else:
         t_grid = torch.as_tensor(grid, device=device)
         if t_grid.dim() != 1 or t_grid.numel() < 2:
@@ -288,6 +298,7 @@ def integrate(
     *,
     shift: float = 1.0,
     increasing: bool = False,
+    mu: Optional[float] = None,
     **solver_options: Any,
 ) -> SolveResult:
     """Integrate ``dx/dt = v(x, t)`` between noise and data on an NFE budget.
@@ -300,14 +311,15 @@ def integrate(
         nfe: backbone calls to spend (None for ``reference``, or with an explicit grid).
         side_fn: ``side_fn(x, v, t, h)`` for the SideNet solvers; ignored by the others.
         grid: grid kind or explicit grid (see ``solve_grid``).
-        shift: time shift of ``"shift"`` grids.
+        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
         increasing: False generates (``t`` from 1 down to 0), True inverts (0 up to 1).
+        mu: log shift of ``"flux"`` grids.
         **solver_options: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
 
     Returns:
         The solver's ``SolveResult``; ``x`` is the state ``(B, ...)`` at the grid's end.
     """
-    t_grid = solve_grid(solver, nfe, grid, shift=shift, increasing=increasing)
+    t_grid = solve_grid(solver, nfe, grid, shift=shift, increasing=increasing, mu=mu)
     return solve(velocity_fn, x, solver, t_grid, side_fn, **solver_options)
 
 
@@ -352,7 +364,7 @@ def solve_batch(
         interval=sampling.guidance_interval,
     )  # fmt: skip
     if t_grid is None:
-        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device)
+        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device, mu=sampling.mu)
     return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
 
 

@@ -24,8 +24,12 @@ class DataConfig:
     # first time a process opens it (false: size only).
     verify_checksums: bool = True
     # Preparation (``bafm data``).
-    source: str = "digits"  # digits | folder
-    image_dir: str = ""  # ImageNet-style folder (class sub-folders) for source=folder
+    source: str = "digits"  # digits | folder | captions (image-caption pairs for backbone.source sd3 | flux)
+    # ImageNet-style folder (class sub-folders) for source=folder; for source=captions, images with
+    # same-stem .txt captions (or the root of captions_file's relative paths)
+    image_dir: str = ""
+    captions_file: str = ""  # source=captions: .jsonl ({"path", "caption"} per line) or .csv (path,caption header)
+    max_sequence_length: int = 256  # source=captions: T5 tokens of the stored prompt embeddings
     list_file: str = ""  # optional "relative/path.jpg <label>" lines instead of sub-folders
     resolution: int = 256  # ADM center crop + resize
     vae_path: str = ""  # diffusers AutoencoderKL folder or single .safetensors file
@@ -43,7 +47,9 @@ class BackboneConfig:
 
     path: str = "checkpoints/digits/backbone.safetensors"
     arch: str = "SiT-S/2"
-    source: str = "repa"  # repa (t=1 noise) | sit (t=0 noise, adapted in the loader)
+    source: str = "repa"  # repa (t=1 noise) | sit (t=0 noise, adapted in the loader) | sd3 | flux (diffusers)
+    # sd3 | flux: `path` is a hub id or a pipeline folder (transformer in its `transformer/` subfolder).
+    guidance: float = 3.5  # FLUX.1-dev's distilled guidance input (ignored by SD3 and FLUX.1-schnell)
     # Architecture overrides for non-registry sizes (None keeps the registry's value).
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
@@ -122,8 +128,11 @@ class SamplingConfig:
 
     cfg_scale: float = 1.0  # 1.0: no guidance
     guidance_interval: List[float] = field(default_factory=lambda: [0.0, 0.7])  # CFG for t in (lo, hi]
-    grid: str = "uniform"  # uniform | shift (SD3 time shift by `shift`) | optimized (`bafm optimize-grid`)
+    # uniform | shift (SD3 time shift by `shift`) | optimized (`bafm optimize-grid`) | sd3 (SD3 pipeline's
+    # schedule, static `shift`) | flux (Flux pipeline's schedule, resolution-dependent `mu`)
+    grid: str = "uniform"
     shift: float = 1.0
+    mu: Optional[float] = None  # flux grid's log shift; null: from the latent size, as FluxPipeline computes it
     # optimized grids JSON; empty: <runs_dir>/<name>/<sidenet stem>.grids.json (what optimize-grid writes), else
     # the one shipped beside the SideNet in use. Grids searched for another SideNet are refused (sha256).
     grid_file: str = ""
@@ -230,6 +239,21 @@ class EditConfig:
 
 
 @dataclass
+class SampleConfig:
+    """``bafm sample``: text-to-image samples from a diffusers pipeline (``backbone.source`` sd3 | flux)."""
+
+    prompt: str = ""  # also settable as the bare override prompt="..."
+    negative_prompt: str = ""  # SD3's (and Flux's true-CFG) unconditional branch; "" is the pipelines' default
+    solver: str = "ba"
+    nfe: int = 8
+    num_images: int = 1
+    seed: int = 0  # image i starts from noise seeded seed + i
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int = 256  # T5 tokens of the prompt embeddings
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment."""
 
@@ -248,3 +272,4 @@ class ExperimentConfig:
     backbone_train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
     optimize_grid: GridSearchConfig = field(default_factory=GridSearchConfig)
     edit: EditConfig = field(default_factory=EditConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

@@ -7,6 +7,7 @@ every point is the correctly rounded value in the requested dtype and the endpoi
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -14,7 +15,10 @@ from torch import Tensor
 
 from bafm.solvers import get_solver
 
-GRID_KINDS = ("uniform", "shift", "optimized")
+GRID_KINDS = ("uniform", "shift", "optimized", "sd3", "flux")
+# Training timesteps of diffusers' FlowMatchEulerDiscreteScheduler (SD3, Flux): the pipelines'
+# sigma schedules are defined on them.
+PIPELINE_TRAIN_TIMESTEPS = 1000
 
 
 def _check_steps(steps: Any) -> int:
@@ -69,24 +73,116 @@ def shifted_grid(
     return grid.to(dtype=dtype or torch.float32, device=device)
 
 
+def sd3_grid(
+    steps: int,
+    shift: float = 3.0,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device | str] = None,
+) -> Tensor:
+    """The schedule of diffusers' SD3 pipeline: its static shift on its own unshifted grid.
+
+    ``StableDiffusion3Pipeline`` spaces ``N`` unshifted times evenly from 1 down to the scheduler's
+    smallest training sigma ``shift(1 / 1000)`` (not down to ``1 / N``), applies
+    ``t' = s t / (1 + (s - 1) t)`` and appends 0. SD3-medium and SD3.5 use ``s = 3``.
+
+    Args:
+        steps: number of intervals ``N >= 1``.
+        shift: static shift ``s > 0`` (the scheduler's ``shift``).
+        dtype: floating dtype; None: float32.
+        device: device of the result.
+
+    Returns:
+        ``(N + 1,)`` strictly decreasing tensor from 1 to 0.
+    """
+    steps = _check_steps(steps)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+
+    def shifted(t: Tensor | float) -> Tensor | float:
+        return shift * t / (1.0 + (shift - 1.0) * t)
+
+    t_min = shifted(1.0 / PIPELINE_TRAIN_TIMESTEPS)
+    unshifted = torch.linspace(1.0, t_min, steps, dtype=torch.float64)
+    grid = torch.cat([shifted(unshifted), unshifted.new_zeros(1)])
+    return grid.to(dtype=dtype or torch.float32, device=device)
+
+
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's resolution-dependent shift ``mu``: linear in the number of packed image tokens.
+
+    Defaults are FLUX.1's scheduler config (``mu = 1.15`` at 1024x1024: 4096 tokens).
+
+    Args:
+        image_seq_len: packed image tokens, ``(H / 2) * (W / 2)`` for ``(C, H, W)`` latents.
+        base_seq_len: tokens at which ``mu = base_shift``.
+        max_seq_len: tokens at which ``mu = max_shift``.
+        base_shift: ``mu`` at ``base_seq_len``.
+        max_shift: ``mu`` at ``max_seq_len``.
+
+    Returns:
+        ``mu`` (extrapolated linearly outside the two anchors, as the pipeline does).
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(base_shift + slope * (int(image_seq_len) - base_seq_len))
+
+
+def flux_grid(
+    steps: int,
+    mu: float,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device | str] = None,
+) -> Tensor:
+    """The schedule of diffusers' Flux pipeline: exponential time shift by ``mu``.
+
+    ``FluxPipeline`` passes ``sigmas = linspace(1, 1/N, N)`` and the scheduler maps them to
+    ``e^mu / (e^mu + 1/t - 1)`` (a shift ``s = e^mu`` of the same form as SD3's), then appends 0.
+
+    Args:
+        steps: number of intervals ``N >= 1``.
+        mu: log shift (``flux_mu`` of the image size).
+        dtype: floating dtype; None: float32.
+        device: device of the result.
+
+    Returns:
+        ``(N + 1,)`` strictly decreasing tensor from 1 to 0.
+    """
+    steps = _check_steps(steps)
+    if mu is None or not math.isfinite(float(mu)):
+        raise ValueError(f"grid 'flux' needs a finite mu (sampling.mu, or the image size), got {mu!r}")
+    unshifted = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    # e^mu / (e^mu + 1/t - 1), written so that t = 1 maps to exactly 1.
+    grid = torch.cat([1.0 / (1.0 + math.exp(-float(mu)) * (1.0 / unshifted - 1.0)), unshifted.new_zeros(1)])
+    return grid.to(dtype=dtype or torch.float32, device=device)
+
+
 def make_grid(
     kind: str,
     steps: int,
     shift: float = 1.0,
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device | str] = None,
+    *,
+    mu: Optional[float] = None,
 ) -> Tensor:
-    """Grid by name (``sampling.grid`` / ``sampling.shift`` in the config).
+    """Grid by name (``sampling.grid`` / ``sampling.shift`` / ``sampling.mu`` in the config).
 
     ``"optimized"`` grids are searched per solver and NFE and stored in a file; they are read with
     ``bafm.solvers.grid_store.load_grid_table(path).grid(solver, nfe)``, not built here.
 
     Args:
-        kind: ``"uniform"`` or ``"shift"``.
+        kind: ``"uniform"``, ``"shift"``, ``"sd3"`` (SD3 pipeline's schedule) or ``"flux"``
+            (Flux pipeline's schedule).
         steps: number of intervals ``N >= 1``.
-        shift: shift ``s`` for ``"shift"`` (ignored by ``"uniform"``).
+        shift: shift ``s`` for ``"shift"`` and ``"sd3"`` (ignored by the others).
         dtype: floating dtype; None: float32.
         device: device of the result.
+        mu: ``"flux"``'s log shift (``flux_mu``); ignored by the others.
 
     Returns:
         ``(N + 1,)`` strictly decreasing tensor from 1 to 0.
@@ -95,6 +191,10 @@ def make_grid(
         return uniform_grid(steps, dtype=dtype, device=device)
     if kind == "shift":
         return shifted_grid(steps, shift, dtype=dtype, device=device)
+    if kind == "sd3":
+        return sd3_grid(steps, shift, dtype=dtype, device=device)
+    if kind == "flux":
+        return flux_grid(steps, mu, dtype=dtype, device=device)
     if kind == "optimized":
         raise ValueError(
             "grid 'optimized' is searched per solver and NFE (`bafm optimize-grid`) and read from its JSON "
