@@ -31,6 +31,7 @@ import webdataset as wds
 
 from bafm.data.resumable import ResumableLoader
 from bafm.data.manifest import ShardError, read_manifest, shard_paths
+from bafm.data.npy_codec import decode_npy
 from bafm.data.shard_reader import LatentSample, check_sample, iter_samples, open_shard
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,12 @@ class _ReadShards:
 
     def __init__(self, counts: Mapping[str, int], moments_shape: Tuple[int, ...], num_classes: int,
                  on_error: str, skipped: SkipCounter, checksums: Optional[Mapping[str, str]] = None,
-                 sizes: Optional[Mapping[str, int]] = None) -> None:
+                 sizes: Optional[Mapping[str, int]] = None,
+                 extra_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> None:
         self.counts, self.moments_shape, self.num_classes = dict(counts), tuple(moments_shape), num_classes
         self.on_error, self.skipped, self.checksums = on_error, skipped, checksums
         self.sizes = dict(sizes or {})
+        self.extra_shapes = {k: tuple(v) for k, v in (extra_shapes or {}).items()}
 
     def _check_file(self, url: str, data: Any) -> None:
         """Size against the manifest always; sha256 the first time this process opens the shard."""
@@ -132,7 +135,7 @@ class _ReadShards:
                 self._check_file(url, data)
                 for raw in iter_samples(data, url):
                     try:
-                        sample = check_sample(raw, self.moments_shape, self.num_classes)
+                        sample = check_sample(raw, self.moments_shape, self.num_classes, self.extra_shapes)
                     except ShardError as err:
                         if self.on_error == "raise":
                             raise
@@ -182,12 +185,15 @@ class _Collate:
     """Pipeline stage: samples -> batches ``{"latent", "cls", "key"}`` with posterior sampling.
 
     Moments of a batch are copied into one float16 array, converted to float32 once, and
-    sampled with one normal draw: ``latent = (mean + std * eps) * scaling_factor``.
+    sampled with one normal draw: ``latent = (mean + std * eps - shift_factor) * scaling_factor``
+    (the shift is SD3's and Flux's VAE convention, 0 for SD-VAE). Extra float16 arrays of the
+    samples (prompt embeddings) are stacked as float16 tensors under their member name.
     """
 
     def __init__(self, batch_size: int, moments_shape: Tuple[int, ...], scaling_factor: float, flip: bool,
-                 seed: int, rank: int, partial_batches: bool) -> None:
+                 seed: int, rank: int, partial_batches: bool, shift_factor: float = 0.0) -> None:
         self.batch_size, self.moments_shape, self.scale = batch_size, tuple(moments_shape), scaling_factor
+        self.shift = shift_factor
         self.flip, self.seed, self.rank, self.partial = flip, seed, rank, partial_batches
         self.nbytes = int(np.prod(self.moments_shape)) * 2
         self.epoch = -1
@@ -219,9 +225,15 @@ class _Collate:
         x = torch.from_numpy(moments).float()
         c = self.moments_shape[0] // 2
         eps = torch.empty((n, c, *self.moments_shape[1:])).normal_(generator=gen)
-        latent = torch.addcmul(x[:, :c], x[:, c:], eps).mul_(self.scale)
+        latent = torch.addcmul(x[:, :c], x[:, c:], eps)
+        latent = (latent.sub_(self.shift) if self.shift else latent).mul_(self.scale)
         cls = torch.tensor([s.cls for s in batch], dtype=torch.int64)
-        return {"latent": latent, "cls": cls, "key": [s.key for s in batch]}
+        out = {"latent": latent, "cls": cls, "key": [s.key for s in batch]}
+        if batch[0].extra:
+            # Extra float16 arrays (prompt embeddings) stay float16: "prompt_embeds.npy" -> "prompt_embeds".
+            out.update({name.rsplit(".", 1)[0]: torch.from_numpy(np.stack([decode_npy(s.extra[name]) for s in batch]))
+                        for name in batch[0].extra})
+        return out
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -264,6 +276,16 @@ class LatentDataModule(L.LightningDataModule):
     @property
     def scaling_factor(self) -> float:
         return float(self.manifest["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float:
+        """Subtracted from posterior draws before scaling (SD3/Flux VAEs; 0 for SD-VAE)."""
+        return float(self.manifest.get("shift_factor", 0.0))
+
+    @property
+    def extra_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Extra float16 arrays every sample holds, by member name (text data: prompt embeddings)."""
+        return {name: tuple(shape) for name, shape in self.manifest.get("extra_arrays", {}).items()}
 
     @property
     def has_flip(self) -> bool:
@@ -315,7 +337,7 @@ class LatentDataModule(L.LightningDataModule):
         if self.cfg.verify_checksums:
             checksums = {path: records[Path(path).name]["sha256"] for path, _ in shards}
         reader = _ReadShards(dict(shards), tuple(self.manifest["moments_shape"]), self.num_classes,
-                             self.cfg.on_error, self.skipped, checksums, sizes)
+                             self.cfg.on_error, self.skipped, checksums, sizes, self.extra_shapes)
         return [path for path, _ in shards], reader
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
@@ -342,7 +364,8 @@ class LatentDataModule(L.LightningDataModule):
                                      deterministic=True)
         shuffle = _Shuffle(int(self.cfg.shuffle_buffer), self.seed, rank)
         collate = _Collate(batch_size, tuple(self.manifest["moments_shape"]), self.scaling_factor,
-                           bool(self.cfg.use_flip) and self.has_flip, self.seed, rank, partial_batches=False)
+                           bool(self.cfg.use_flip) and self.has_flip, self.seed, rank, partial_batches=False,
+                           shift_factor=self.shift_factor)
         # The stages count epochs up from here on their first iteration: this one is ``epoch``.
         shards.epoch = shuffle.epoch = collate.epoch = epoch - 1
         pipeline = wds.DataPipeline(shards, reader, shuffle, collate)
@@ -373,7 +396,8 @@ class LatentDataModule(L.LightningDataModule):
             wds.split_by_worker,
             reader,
             _Collate(int(batch_size or self.cfg.batch_size), tuple(self.manifest["moments_shape"]),
-                     self.scaling_factor, False, self.seed, rank, partial_batches=True),
+                     self.scaling_factor, False, self.seed, rank, partial_batches=True,
+                     shift_factor=self.shift_factor),
         )
         return self._loader(pipeline)
 

@@ -84,6 +84,10 @@ def run(cfg: Any, out: Optional[str] = None) -> int:
     try:
         if cfg.data.source == "digits":
             manifest = prepare_digits(cfg, folder, rank, world_size, initialised)
+        elif cfg.data.source == "captions":
+            from bafm.data.text_prepare import prepare_captions
+
+            manifest = prepare_captions(cfg, folder, rank, world_size, initialised)
         else:
             manifest = prepare_folder(cfg, folder, rank, world_size, initialised)
     except (FileNotFoundError, ValueError) as err:

@@ -33,7 +33,8 @@ from bafm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-# (sample indices (B,), moments (B, 2C, H, W) float16, flipped moments or None)
+# (sample indices (B,), moments (B, 2C, H, W) float16, flipped moments or None), optionally followed
+# by the extra encoded members of each sample ({extension: bytes} per sample, see ShardWriter.write).
 MomentBatch = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 
 
@@ -200,14 +201,16 @@ def _write_own_shards(job: SplitJob, encode: Callable[[Sequence[int]], Iterator[
     pending = iter(todo)
     expected = iter(indices)
     try:
-        for idx, moments, flips in encode(indices):
+        for idx, moments, flips, *more in encode(indices):
+            extras = more[0] if more else None
             for j, i in enumerate(idx.tolist()):
                 if i != next(expected):
                     raise RuntimeError(f"encoder returned sample {i} out of order")
                 if writer is None:
                     shard = next(pending)
                     writer, left = ShardWriter(job.folder / shard_name(job.split, shard)), len(job.shard_range(shard))
-                writer.write(job.keys[i], moments[j], job.labels[i], None if flips is None else flips[j])
+                writer.write(job.keys[i], moments[j], job.labels[i], None if flips is None else flips[j],
+                             None if extras is None else extras[j])
                 left -= 1
                 if left == 0:
                     writer.commit(records_dir)

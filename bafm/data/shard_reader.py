@@ -135,22 +135,26 @@ def iter_samples(data: bytes | mmap.mmap, shard: str) -> Iterator[Dict[str, Any]
 
 
 class LatentSample(NamedTuple):
-    """One validated sample: key, shard, payloads of the moments and the class id."""
+    """One validated sample: key, shard, payloads of the moments and the class id (and extra arrays)."""
 
     key: str
     shard: str
     moments: memoryview
     moments_flip: Optional[memoryview]
     cls: int
+    extra: Optional[Dict[str, memoryview]] = None  # float16 .npy payloads by member name
 
 
-def check_sample(sample: Mapping[str, Any], moments_shape: Tuple[int, ...], num_classes: int) -> LatentSample:
+def check_sample(sample: Mapping[str, Any], moments_shape: Tuple[int, ...], num_classes: int,
+                 extra_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> LatentSample:
     """Validate one raw sample against the manifest.
 
     Args:
         sample: output of ``iter_samples``.
         moments_shape: expected ``(2C, H, W)``.
         num_classes: class ids must lie in ``[0, num_classes)``.
+        extra_shapes: more float16 ``.npy`` members every sample must hold, by member name
+            (e.g. ``{"prompt_embeds.npy": (L, D)}``), checked like the moments.
 
     Returns:
         The sample with its payloads checked (float16, ``moments_shape``) but not yet decoded.
@@ -173,7 +177,15 @@ def check_sample(sample: Mapping[str, Any], moments_shape: Tuple[int, ...], num_
         raise ShardError(shard, f"'cls' is {bytes(sample[CLS])[:20]!r}, expected an integer", key) from None
     if not 0 <= cls < num_classes:
         raise ShardError(shard, f"class id {cls} outside [0, {num_classes})", key)
-    return LatentSample(key, shard, moments, flip, cls)
+    if not extra_shapes:
+        return LatentSample(key, shard, moments, flip, cls)
+    extra = {}
+    for name, shape in extra_shapes.items():
+        if name not in sample:
+            raise ShardError(shard, f"missing '{name}' (has {sorted(k for k in sample if not k.startswith('__'))})", key)
+        _check_moments(sample[name], name, tuple(shape), shard, key)
+        extra[name] = sample[name]
+    return LatentSample(key, shard, moments, flip, cls, extra)
 
 
 _FLOAT16 = np.dtype(np.float16)

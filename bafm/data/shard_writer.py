@@ -45,7 +45,8 @@ class ShardWriter:
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)  # int: no pax header
         self.count = 0
 
-    def write(self, key: str, moments: np.ndarray, cls: int, moments_flip: Optional[np.ndarray] = None) -> None:
+    def write(self, key: str, moments: np.ndarray, cls: int, moments_flip: Optional[np.ndarray] = None,
+              extra: Optional[Dict[str, bytes]] = None) -> None:
         """Append one sample.
 
         Args:
@@ -53,12 +54,14 @@ class ShardWriter:
             moments: float16 ``(2C, H, W)``, posterior mean then std.
             cls: class id.
             moments_flip: float16 ``(2C, H, W)`` of the flipped image, or None.
+            extra: more encoded members by extension (e.g. prompt embeddings, the caption).
         """
         if "." in key or "/" in key:
             raise ValueError(f"sample key '{key}' must not contain '.' or '/'")
         sample: Dict[str, Any] = {"__key__": key, MOMENTS: encode_npy(moments), CLS: str(int(cls)).encode()}
         if moments_flip is not None:
             sample[MOMENTS_FLIP] = encode_npy(moments_flip)
+        sample.update(extra or {})
         self._tar.write(sample)
         self.count += 1
 
