@@ -168,6 +168,10 @@ class EvalConfig:
     classifier_path: str = "checkpoints/digits/classifier.safetensors"
     inception_weights: str = ""  # local torch-fidelity inception-v3-compat weights
     reference_stats: str = ""  # .npz: ADM VIRTUAL_*.npz or bafm's own statistics
+    # Text-to-image sweeps (backbone.source sd3 | flux): prompts, real images, CLIP score.
+    captions_file: str = ""  # prompts: .jsonl/.csv with a 'caption' field, or .txt (one a line)
+    reference_images: str = ""  # folder of real images for FID (else reference_stats)
+    clip_model: str = "openai/clip-vit-large-patch14"  # torchmetrics CLIPScore model (its own loader)
     prc_reference_size: int = 10000  # real images precision/recall compare with (seeded subset if more); 0: off
     reference_rtol: float = 1e-5
     reference_atol: float = 1e-5

@@ -92,3 +92,19 @@ def write_caption_pairs(folder: Path, captions: List[str], size: int = 16, seed:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
         (folder / f"img{i:03d}.txt").write_text(caption + "\n")
     return folder
+
+
+PIPELINES = {"sd3": sd3_pipeline_with_text, "flux": flux_pipeline_with_text}
+EXPERIMENTS = {"sd3": "experiments/sd3_medium.yaml", "flux": "experiments/flux1_dev.yaml"}
+
+
+def tiny_text_overrides(root: Path, family: str, pipeline_dir: Path, images: Path) -> List[str]:
+    """Overrides that point an SD3/Flux experiment file at tiny local models and data on the CPU."""
+    return [f"backbone.path={pipeline_dir}", f"data.image_dir={images}", "data.captions_file=''",
+            f"data.root={root / 'data'}", "data.resolution=8", "data.max_sequence_length=6",
+            "data.samples_per_shard=2", "data.encode_batch_size=4", "data.batch_size=2", "data.num_workers=0",
+            "data.shuffle_buffer=4", f"runs_dir={root / 'runs'}", f"checkpoints_dir={root / 'checkpoints'}",
+            "sidenet.channels=8", "sidenet.emb_dim=8", "sidenet.depth=2", "sidenet.num_heads=2",
+            "sidenet.channels_last=false", "loss.links=2", "trainer.accelerator=cpu", "trainer.precision=32-true",
+            "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "sample.height=16", "sample.width=16", "sample.max_sequence_length=6"]

@@ -99,3 +99,26 @@ def condition_to(cond: Condition, device: torch.device | str, dtype: torch.dtype
 def pooled_embedding(cond: Condition) -> Tensor:
     """The pooled text embedding ``(B, P)`` of a ``TextCondition`` (or a bare ``(B, P)`` tensor)."""
     return cond.pooled if isinstance(cond, TextCondition) else cond
+
+
+def drop_conditions(
+    cond: Condition, null: Condition, prob: float, generator: torch.Generator | None = None
+) -> Condition:
+    """Replace rows by the unconditional encoding with probability ``prob`` (classifier-free guidance).
+
+    The text counterpart of ``bafm.models.layers.drop_labels``, drawing the same ``B`` uniforms.
+
+    Args:
+        cond: condition of batch ``B``.
+        null: the unconditional encoding, batch 1 (e.g. the empty prompt's), same structure.
+        prob: drop probability in ``[0, 1]``.
+        generator: optional random generator (on ``cond``'s device).
+
+    Returns:
+        A condition of batch ``B``.
+    """
+    if prob <= 0.0:
+        return cond
+    leaf = pytree.tree_leaves(cond)[0]
+    drop = torch.rand((leaf.shape[0],), device=leaf.device, generator=generator) < prob
+    return select_rows(~drop, cond, null_like(null, leaf.shape[0]))

@@ -15,10 +15,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from bafm.models.text_condition import Condition, repeat_condition
 from bafm.solvers.bi_anchor import gauss_legendre
 
-BackboneVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-SideVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The conditioning (class labels (B,), or a TextCondition) is passed through opaquely.
+BackboneVelocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+SideVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 
 # 3-point Gauss-Legendre rule on [0, 1]: nodes 1/2 -+ sqrt(15)/10, weights 5/18, 8/18, 5/18.
 GL3_NODES, GL3_WEIGHTS = gauss_legendre(3)
@@ -71,7 +73,7 @@ def gauss_legendre_step(
     v: torch.Tensor,
     t: torch.Tensor,
     h: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
 ) -> torch.Tensor:
     """Move ``x`` from ``t`` to ``t - h`` with the SideNet's estimates at the 3 GL nodes.
 
@@ -81,7 +83,7 @@ def gauss_legendre_step(
         side_velocity: ``(x, v, t, h, y) -> velocity at t - h``.
         x, v: state and its backbone velocity at ``t``, shape ``(B, ...)``.
         t, h: times and signed offsets, shape ``(B,)``.
-        y: labels, shape ``(B,)``.
+        y: conditioning of batch ``B`` (labels ``(B,)`` or a ``TextCondition``).
 
     Returns:
         The state at ``t - h``, shape ``(B, ...)``.
@@ -89,7 +91,7 @@ def gauss_legendre_step(
     n = len(GL3_NODES)
     offsets = torch.cat([c * h for c in GL3_NODES])
     estimates = side_velocity(x.repeat(n, *([1] * (x.dim() - 1))), v.repeat(n, *([1] * (v.dim() - 1))),
-                              t.repeat(n), offsets, y.repeat(n))
+                              t.repeat(n), offsets, repeat_condition(y, n))
     v_bar = sum(w * e for w, e in zip(GL3_WEIGHTS, estimates.chunk(n)))
     return x - _per_sample(h, x) * v_bar
 
@@ -98,7 +100,7 @@ def chain_loss(
     backbone_velocity: BackboneVelocity,
     side_velocity: SideVelocity,
     x0: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     cfg: ChainLossConfig,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -108,7 +110,8 @@ def chain_loss(
         backbone_velocity: frozen backbone ``(x, t, y) -> v`` (called without gradient).
         side_velocity: trainable SideNet ``(x, v, t, h, y) -> v_hat at t - h``.
         x0: clean latents, shape ``(B, C, H, W)``.
-        y: labels after label dropout, shape ``(B,)`` (null class = unconditional).
+        y: conditioning after dropout: labels ``(B,)`` (null class = unconditional) or a
+            ``TextCondition`` of batch ``B`` (dropped rows hold the empty prompt's encoding).
         cfg: chain knobs.
         generator: random generator on ``x0``'s device (per-step seeding makes resumes exact).
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bafm.models.layers import count_parameters, drop_labels
+from bafm.models.text_condition import Condition, TextCondition, condition_to, drop_conditions
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
 
 BACKBONE_PREFIX = "backbone."
@@ -38,6 +39,8 @@ class SideNetModule(L.LightningModule):
         ema_decay: EMA decay of the SideNet weights.
         seed: run seed; each step's randomness is derived from (seed, step, rank).
         hparams: the experiment config as a plain dict, logged and stored with checkpoints.
+        null_condition: text-to-image only: the unconditional encoding (batch 1, the empty
+            prompt's); batches then carry ``prompt_embeds`` / ``pooled`` and dropout swaps it in.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class SideNetModule(L.LightningModule):
         ema_decay: float = 0.9996,
         seed: int = 0,
         hparams: Optional[Dict[str, Any]] = None,
+        null_condition: Optional[TextCondition] = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
@@ -70,6 +74,7 @@ class SideNetModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps = warmup_steps
         self.seed = seed
+        self.null_condition = null_condition  # not a buffer: checkpoints hold the SideNet only
         self.save_hyperparameters(hparams or {})
         # Read by ThroughputMonitor; FLOPs are not counted, it logs batches and images per second.
         self.flops_per_batch: Optional[int] = None
@@ -105,9 +110,9 @@ class SideNetModule(L.LightningModule):
                  "params/total": float(total)}, step=self.global_step)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
-        x0, y = batch["latent"], batch["cls"]
+        x0 = batch["latent"]
         generator = self._generator()
-        y = drop_labels(y, self.label_dropout, self.num_classes, generator)
+        y = self._dropped_condition(batch, x0, generator)
         loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -119,6 +124,14 @@ class SideNetModule(L.LightningModule):
         self.log("train/mse_identity", stats["mse_identity"], batch_size=batch_size)
         self.log("train/offset_abs", stats["offset_abs"], batch_size=batch_size)
         return loss
+
+    def _dropped_condition(self, batch: Dict[str, Any], x0: torch.Tensor, generator: torch.Generator) -> Condition:
+        """The batch's conditioning after CFG dropout: labels, or prompt embeddings (float16 in shards)."""
+        if self.null_condition is None:
+            return drop_labels(batch["cls"], self.label_dropout, self.num_classes, generator)
+        cond = condition_to(TextCondition(batch["prompt_embeds"], batch["pooled"]), x0.device, x0.dtype)
+        null = condition_to(self.null_condition, x0.device, x0.dtype)
+        return drop_conditions(cond, null, self.label_dropout, generator)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.sidenet)

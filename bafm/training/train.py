@@ -82,9 +82,12 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     from bafm.data.datamodule import LatentDataModule
     from bafm.data.digits import ensure_digits_shards
 
+    from bafm.training.text_training import is_text_to_image
+
     ckpt_dir = training_checkpoint_dir(cfg)
+    text = is_text_to_image(cfg)  # SD3/Flux: a diffusers folder or hub id, its loader names what is missing
     # Before any work: a run resumes only when asked, and never mixes with an earlier run.
-    if missing_backbone(cfg):
+    if not text and missing_backbone(cfg):
         raise FileNotFoundError(missing_backbone(cfg))
     resume = resolve_resume(cfg.trainer.resume, ckpt_dir)
     if resume is None and not cfg.trainer.fast_dev_run:
@@ -94,18 +97,28 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         ensure_digits_shards(cfg)
     datamodule = LatentDataModule(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")
-    bc = cfg.backbone
-    backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, depth=bc.depth,
-                             hidden_size=bc.hidden_size, num_heads=bc.num_heads)
+    if text:
+        from bafm.data.text_prepare import load_null_condition
+        from bafm.training.text_training import build_text_sidenet, check_text_data, load_text_backbone
+
+        backbone, null_condition = load_text_backbone(cfg), load_null_condition(datamodule.folder)
+    else:
+        bc = cfg.backbone
+        backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, depth=bc.depth,
+                                 hidden_size=bc.hidden_size, num_heads=bc.num_heads)
+        null_condition = None
     try:
-        check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
+        if text:
+            check_text_data(backbone, datamodule.manifest, datamodule.describe())
+        else:
+            check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
     except ValueError as err:  # a one-line answer, not a traceback: nothing has started yet
         print(f"bafm train: {err}", file=sys.stderr)
         return 2
-    sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes)
+    sidenet = build_text_sidenet(cfg, backbone) if text else build_sidenet(cfg, backbone.in_channels, backbone.num_classes)
     lc = cfg.loss
     module = SideNetModule(
-        backbone, sidenet, num_classes=backbone.num_classes,
+        backbone, sidenet, num_classes=1 if text else backbone.num_classes, null_condition=null_condition,
         loss=ChainLossConfig(links=lc.links, offset_rate=lc.offset_rate, p_backward=lc.p_backward),
         label_dropout=lc.label_dropout, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
@@ -123,7 +136,8 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
-    if NFESweepCallback.wanted(cfg) and not cfg.trainer.fast_dev_run:
+    # The in-training sweep is class-conditional; text-to-image runs are swept by `bafm eval-nfe-sweep`.
+    if NFESweepCallback.wanted(cfg) and not cfg.trainer.fast_dev_run and not text:
         callbacks.append(NFESweepCallback(cfg))
     trainer = build_trainer(cfg, callbacks)
     start = time.perf_counter()
@@ -140,7 +154,12 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         return 130
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         export = exported_sidenet_path(cfg)
-        save_sidenet(module.ema_sidenet, export)
+        if text:
+            from bafm.training.text_training import export_text_sidenet
+
+            export_text_sidenet(module.ema_sidenet, export, cfg)
+        else:
+            save_sidenet(module.ema_sidenet, export)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         summary = {"experiment": cfg.name, "steps": trainer.global_step, "seconds": round(seconds, 1),
                    "backbone": cfg.backbone.path, "sidenet": str(export), "metrics": metrics}
