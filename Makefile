@@ -45,6 +45,10 @@ optimize-grid: setup ## Search time grids per solver and NFE (JSON beside the Si
 edit: setup ## Invert images and regenerate them under another class
 	$(BAFM) edit --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
+.PHONY: sample
+sample: setup ## Text-to-image PNGs with the BA-solver (sd3/flux EXP; PROMPT="...", OUT=<dir>)
+	$(BAFM) sample --config "$(EXP)" $(OUT_ARG) $(if $(PROMPT),prompt="$(PROMPT)",) $(ARGS)
+
 test: setup ## Run the fast test suite (no slow/gpu tests)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
 

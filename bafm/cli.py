@@ -17,6 +17,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "eval-nfe-sweep": ("bafm.eval.sweep", "run", "FID/IS/trajectory error per solver and NFE budget"),
     "optimize-grid": ("bafm.eval.grid_search", "run", "search time grids per solver and NFE against the reference"),
     "edit": ("bafm.editing.edit", "run", "invert images and regenerate them under another class"),
+    "sample": ("bafm.text_sample", "run", "text-to-image PNGs from an SD3/Flux pipeline (prompt=\"...\")"),
 }
 
 
@@ -52,8 +53,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    overrides = list(args.overrides)
+    if args.command == "sample":  # the bare prompt="..." / negative_prompt="..." of `bafm sample`
+        overrides = [f"sample.{o}" if o.startswith(("prompt=", "negative_prompt=")) else o for o in overrides]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"bafm {args.command}: config error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from bafm.models.diffusers_flow import FlowTransformerBackbone, pack_latents
 from bafm.models.text_condition import TextCondition
 from bafm.models.text_sampling import build_text_sampling_fns
-from bafm.sampling import integrate, sample_noise, uses_side_fn
+from bafm.sampling import GridSpec, integrate, sample_noise, uses_side_fn
 from bafm.solvers import SolveResult
 from bafm.solvers.grids import flux_mu
 
@@ -139,10 +139,15 @@ def ba_sample_latents(
     seed: int = 0,
     latents: Optional[Tensor] = None,
     max_sequence_length: Optional[int] = None,
+    grid: Optional[GridSpec] = None,
+    shift: Optional[float] = None,
+    mu: Optional[float] = None,
 ) -> SolveResult:
     """Denoised latents ``(B, C, H, W)`` (unpacked, before the VAE's scaling) and the NFE spent.
 
     Arguments as ``ba_generate``; ``latents`` (``(B, C, H, W)``, unpacked) replace the seeded noise.
+    ``grid`` None follows the pipeline's own schedule (``pipeline_grid``; ``shift`` / ``mu`` given
+    here replace its values), else a grid kind or explicit grid as ``bafm.sampling.integrate`` takes.
     """
     family = pipeline_family(pipe)
     device = pipe._execution_device
@@ -169,7 +174,10 @@ def ba_sample_latents(
         backbone.velocity, cond, negative=negative, cfg_scale=float(guidance_scale), interval=interval,
         side_velocity=_side_velocity(sidenet) if sidenet is not None else None,
     )  # fmt: skip
-    grid, shift, mu = pipeline_grid(pipe, family, tuple(latents.shape[-2:]))
+    if grid is None:
+        grid, own_shift, own_mu = pipeline_grid(pipe, family, tuple(latents.shape[-2:]))
+        shift, mu = own_shift if shift is None else shift, own_mu if mu is None else mu
+    shift = 1.0 if shift is None else float(shift)
     return integrate(velocity_fn, latents.float(), solver, nfe, side_fn, grid, shift=shift, mu=mu)
 
 
@@ -207,7 +215,7 @@ def ba_generate(
         **options: ``ba_sample_latents``'s: ``negative_prompt``, ``guidance_scale`` (SD3's CFG,
             default 7; Flux's true CFG, default 1), ``distilled_guidance`` (FLUX.1-dev, 3.5),
             ``interval``, ``height``, ``width``, ``seed`` (image ``i`` starts from noise seeded
-            ``seed + i``), ``latents``, ``max_sequence_length`` (T5 tokens; the pipeline's default,
+            ``seed + i``), ``latents``, ``grid`` / ``shift`` / ``mu``, ``max_sequence_length`` (T5 tokens; the pipeline's default,
             SD3 256, Flux 512).
 
     Returns:
