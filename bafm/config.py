@@ -153,7 +153,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "data.source": ("digits", "folder", "captions"),
         "backbone.source": ("repa", "sit", "sd3", "flux"),
         "sampling.grid": ("uniform", "shift", "optimized", "sd3", "flux"),
-        "eval.feature_extractor": ("classifier", "inception"),
+        "eval.feature_extractor": ("classifier", "inception", "clip"),
         "optimize_grid.method": ("nelder-mead", "powell"),
         "eval.reference_solver": ("dopri5", "rk4"),
     }

@@ -164,7 +164,7 @@ class EvalConfig:
     num_samples: int = 1000
     batch_size: int = 250
     seed: int = 0  # per-sample seeds are seed + sample index
-    feature_extractor: str = "classifier"  # classifier | inception
+    feature_extractor: str = "classifier"  # classifier | inception | clip (text-to-image sweeps: CLIP image embeddings)
     classifier_path: str = "checkpoints/digits/classifier.safetensors"
     inception_weights: str = ""  # local torch-fidelity inception-v3-compat weights
     reference_stats: str = ""  # .npz: ADM VIRTUAL_*.npz or bafm's own statistics

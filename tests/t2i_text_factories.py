@@ -108,3 +108,21 @@ def tiny_text_overrides(root: Path, family: str, pipeline_dir: Path, images: Pat
             "sidenet.channels_last=false", "loss.links=2", "trainer.accelerator=cpu", "trainer.precision=32-true",
             "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1",
             "trainer.enable_progress_bar=false", "sample.height=16", "sample.width=16", "sample.max_sequence_length=6"]
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny ``CLIPModel`` with its ``CLIPProcessor`` (16-pixel images) saved for ``eval.clip_model``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(clip_tokenizer()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=clip_tokenizer())
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return Path(folder)

@@ -86,11 +86,12 @@ def _rows_jsonl(path: Path) -> List[Tuple[int, object]]:
     return rows
 
 
-def _rows_csv(path: Path) -> List[Tuple[int, object]]:
+def _rows_csv(path: Path, columns: Tuple[str, ...] = ("path", "caption")) -> List[Tuple[int, object]]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a header row with 'path' and 'caption' columns, got {reader.fieldnames}.")
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+            wanted = " and ".join(f"'{c}'" for c in columns)
+            raise ValueError(f"{path}: expected a header row with {wanted} column(s), got {reader.fieldnames}.")
         return [(reader.line_num, row) for row in reader]
 
 
@@ -113,3 +114,31 @@ def _from_list(list_file: Path, image_dir: Path | None) -> CaptionList:
     if not paths:
         raise FileNotFoundError(f"captions file '{list_file}' lists no images.")
     return CaptionList(root, paths, captions)
+
+
+def read_prompts(path: str | Path) -> List[str]:
+    """Prompts for evaluation: a ``.txt`` file (one a line), or the ``caption`` field of a ``.jsonl`` /
+    ``.csv`` file (e.g. COCO-2014 validation captions exported as ``{"caption": ...}`` lines).
+
+    Raises:
+        FileNotFoundError: no such file, or no prompts in it.
+        ValueError: another suffix, or a line without a string ``caption``.
+    """
+    path = Path(path)
+    if not str(path) or not path.is_file():
+        raise FileNotFoundError(f"captions file '{path}' not found (eval.captions_file): .txt, .jsonl or .csv of prompts.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix in (".jsonl", ".csv"):
+        rows = _rows_jsonl(path) if suffix == ".jsonl" else _rows_csv(path, ("caption",))
+        prompts = []
+        for number, row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
+                raise ValueError(f"{path}:{number}: expected a string field 'caption', got {row!r:.80}.")
+            prompts.append(row["caption"].strip())
+    else:
+        raise ValueError(f"captions file '{path}': expected .txt, .jsonl or .csv, got '{suffix}'.")
+    if not prompts:
+        raise FileNotFoundError(f"captions file '{path}' holds no prompts.")
+    return prompts

@@ -121,6 +121,10 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         0 on success, 2 on bad input (message on stderr, nothing sampled).
     """
     try:
+        if str(cfg.backbone.source) in ("sd3", "flux"):  # text-to-image: prompts, CLIP score (bafm.eval.text_sweep)
+            from bafm.eval.text_sweep import run as run_text_sweep
+
+            return run_text_sweep(cfg, out)
         sweep(cfg, out, print_table=True)
     except SweepInputError as err:
         print(f"bafm eval-nfe-sweep: {err}", file=sys.stderr)
