@@ -103,7 +103,7 @@ def encode_prompts(
     return TextCondition(embeds, pooled), negative
 
 
-def _side_velocity(sidenet: nn.Module):
+def cast_side_velocity(sidenet: nn.Module):
     """The SideNet's ``velocity`` in its own dtype, answering in the state's dtype."""
     dtype = next(sidenet.parameters()).dtype
 
@@ -172,7 +172,7 @@ def ba_sample_latents(
         raise ValueError(f"solver '{solver}' needs a trained SideNet; pass one (module or .safetensors path)")
     velocity_fn, side_fn = build_text_sampling_fns(
         backbone.velocity, cond, negative=negative, cfg_scale=float(guidance_scale), interval=interval,
-        side_velocity=_side_velocity(sidenet) if sidenet is not None else None,
+        side_velocity=cast_side_velocity(sidenet) if sidenet is not None else None,
     )  # fmt: skip
     if grid is None:
         grid, own_shift, own_mu = pipeline_grid(pipe, family, tuple(latents.shape[-2:]))
@@ -228,5 +228,5 @@ def ba_generate(
     return decode_latents(pipe, result.x, output_type)
 
 
-__all__: List[str] = ["ba_generate", "ba_sample_latents", "decode_latents", "pipeline_family", "pipeline_grid",
-                      "pack_latents"]  # fmt: skip
+__all__: List[str] = ["ba_generate", "ba_sample_latents", "cast_side_velocity", "decode_latents", "pipeline_family",
+                      "pipeline_grid", "pack_latents"]  # fmt: skip

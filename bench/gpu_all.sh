@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_all.sh                       # JSON + log into $OUT if set, else bench/results/
 #   BUDGET_S=500 bash bench/gpu_all.sh          # wall-clock budget for everything (default 540 s)
-#   PHASES="b64 training" bash bench/gpu_all.sh # a subset of: b64 training b64_autotune b16_b256
+#   PHASES="b64 training" bash bench/gpu_all.sh # a subset of: b64 training t2i b64_autotune b16_b256
 #   PY=/path/to/python bash bench/gpu_all.sh    # default: .venv/bin/python or python3, whichever has CUDA
 #   EXTRA_ARGS="--backbone ckpt.pt" bash ...     # appended to every benchmark's options (last one wins);
 #                                               # shared ones: --device --preset --batch-sizes --warmup
@@ -16,6 +16,9 @@
 #                 BA-5/10 vs Euler-50/100, kernel profile                    -> sampling_b64.json
 #   training      chain loss K = 8, batch 64: eager vs compiled, images/s, peak memory
 #                                                                            -> training_gpu.json
+#   t2i           SD3-medium and FLUX.1-dev at 1024x1024, random bf16 weights, batch 1 and 4:
+#                 backbone call vs SideNet per BA step (overhead), BA-8 vs Euler-8/28 end to end,
+#                 chain-loss training images/s and peak memory             -> t2i_gpu.json
 #   b64_autotune  batch 64, compiled-graphs with the SideNet compiled in "max-autotune-no-cudagraphs"
 #                 (the config default; autotuning takes minutes)             -> sampling_b64_autotune.json
 #   b16_b256      batch 16 and 256: naive vs compiled-graphs                 -> sampling_b16_b256.json
@@ -26,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
 BUDGET_S="${BUDGET_S:-540}"
-PHASES="${PHASES:-b64 training b64_autotune b16_b256}"
+PHASES="${PHASES:-b64 training t2i b64_autotune b16_b256}"
 START=$(date +%s)
 LOG="$OUT_DIR/gpu_all.log"
 : > "$LOG"
@@ -76,6 +79,7 @@ run b64 150 200 "$PY" bench/bench_sampling.py --batch-sizes 64 --profile --side-
   --out "$OUT_DIR/sampling_b64.json"
 run training 90 100 "$PY" bench/bench_training.py --batch-sizes 64 --links 8 --side-mode default \
   --out "$OUT_DIR/training_gpu.json"
+run t2i 120 200 "$PY" bench/bench_t2i.py --batch-sizes 1 4 --nfes 8 --out "$OUT_DIR/t2i_gpu.json"
 run b64_autotune 120 150 "$PY" bench/bench_sampling.py --batch-sizes 64 --variants compiled-graphs \
   --side-mode max-autotune-no-cudagraphs --profile --out "$OUT_DIR/sampling_b64_autotune.json"
 run b16_b256 90 600 "$PY" bench/bench_sampling.py --batch-sizes 16 256 --variants naive compiled-graphs \
@@ -87,6 +91,19 @@ for f in "$OUT_DIR"/*.json; do
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(f"{sys.argv[1]}: {d['benchmark']} on {d['meta'].get('device')}: {d['status']}, {len(d['errors'])} errors")
+if d["benchmark"] == "t2i":
+    for size, rows in d["results"].items():
+        for batch, r in (rows.items() if isinstance(rows, dict) else []):
+            if not isinstance(r, dict) or "components" not in r:
+                continue
+            comp, e2e, tr = r["components"], r.get("end_to_end", {}), r.get("training", {})
+            print(f"  {size} {batch} backbone {comp['backbone_call']['median_ms']:8.1f} ms  side/step "
+                  f"{comp['sidenet_per_step']['median_ms']:7.1f} ms  overhead {100 * comp['overhead_ratio']:5.1f} %  "
+                  + "  ".join(f"{k} {v['median_s']:.2f} s" for k, v in e2e.items())
+                  + (f"  train {tr['images_per_s']:.2f} img/s peak {tr['peak_memory_gib']} GiB" if tr else ""))
+    for e in d["errors"]:
+        print("  error:", e)
+    sys.exit(0)
 for batch, variants in d["results"].items():
     for name, r in variants.items():
         comp, e2e = r.get("components", {}), r.get("end_to_end", {})

@@ -71,6 +71,15 @@ SIZES = {
     "flux1-dev-1024": T2ISize("flux1-dev-1024", "flux", FLUX1_DEV_TRANSFORMER, (16, 128, 128), 512, 4096, 768, False,
                               {"clip_l": ("clip", CLIP_L), "t5_xxl": ("t5", T5_XXL)}),
 }  # fmt: skip
+# The same code paths at the sizes of diffusers' pipeline tests, to check the scripts on a CPU.
+TINY_SIZES = {
+    "tiny-sd3": T2ISize("tiny-sd3", "sd3", dict(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                        pooled_projection_dim=64, out_channels=4), (4, 16, 16), 7, 32, 64, True),
+    "tiny-flux": T2ISize("tiny-flux", "flux", dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                         axes_dims_rope=[4, 4, 8], guidance_embeds=True), (1, 16, 16), 7, 32, 32, False),
+}  # fmt: skip
 
 
 def build_transformer(size: T2ISize, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
