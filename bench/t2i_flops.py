@@ -28,6 +28,7 @@ from t2i_models import (  # noqa: E402
     SIDENET_RELEASE,
     SIZES,
     T2ISize,
+    build_clip_scorer,
     build_encoder,
     build_sidenet,
     build_transformer,
@@ -67,6 +68,7 @@ def measure(size: T2ISize) -> Dict[str, Any]:
     params = {"transformer": parameter_count(backbone.transformer), "sidenet": parameter_count(sidenet),
               "vae": parameter_count(build_vae())}  # fmt: skip
     params.update({name: parameter_count(build_encoder(kind, cfg)) for name, (kind, cfg) in size.encoders.items()})
+    params["eval_clip_vit_l14"] = parameter_count(build_clip_scorer())
     return {
         "family": size.family,
         "latent": list(size.latent),
@@ -82,6 +84,7 @@ def measure(size: T2ISize) -> Dict[str, Any]:
             "transformer_bf16": params["transformer"] * 2 / GIB,
             "text_encoders_bf16": sum(v for n, v in params.items() if n.startswith(("clip", "t5"))) * 2 / GIB,
             "vae_bf16": params["vae"] * 2 / GIB,
+            "eval_clip_vit_l14_fp32": params["eval_clip_vit_l14"] * 4 / GIB,
             # SideNet training state: fp32 weights, EMA, gradients and AdamW's two moments.
             "sidenet_training_fp32": params["sidenet"] * 4 * 5 / GIB,
         },

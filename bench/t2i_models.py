@@ -33,6 +33,12 @@ CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, nu
               vocab_size=49408, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")  # fmt: skip
 T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)  # fmt: skip
+# CLIP ViT-L/14 (openai/clip-vit-large-patch14), the CLIP score's model in the T2I sweep.
+CLIP_VIT_L14 = dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, max_position_embeddings=77, vocab_size=49408),
+                    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, patch_size=14, image_size=224),
+                    projection_dim=768)  # fmt: skip
 # The release SideNet's widths (channels 256, embedding 256, depth 4).
 SIDENET_RELEASE = dict(channels=256, emb_dim=256, depth=4, num_heads=4, frequency_dim=256)
 
@@ -112,6 +118,14 @@ def build_encoder(kind: str, config: Dict[str, Any]) -> nn.Module:
         if kind == "clip":
             return CLIPTextModelWithProjection(CLIPTextConfig(**config))
         return T5EncoderModel(T5Config(**config))
+
+
+def build_clip_scorer() -> nn.Module:
+    """CLIP ViT-L/14 on the meta device (parameter count only)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.device("meta"):
+        return CLIPModel(CLIPConfig(**CLIP_VIT_L14))
 
 
 def build_vae() -> nn.Module:
