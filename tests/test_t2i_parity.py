@@ -160,3 +160,22 @@ def test_loader_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CheckpointError, match=r"owner/not-downloaded/transformer: cannot load .*offline or not downloaded"):
         load_flow_transformer("owner/not-downloaded", "sd3", local_files_only=True)
+
+
+@pytest.mark.parametrize("kind,options", [("sd3", {"shift": 3.0}), ("flux", {"mu": 1.15})])
+def test_every_fixed_step_solver_converges_on_the_pipeline_grids(kind, options):
+    from bafm.sampling import is_adaptive
+    from bafm.solvers import SOLVERS
+
+    # dx/dt = x: from x(1) = x1 the exact x(0) is x1 / e; the exact SideNet is v(t - h) = v e^{-h}.
+    x1 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    velocity_fn = lambda x, t: x  # noqa: E731
+    side_fn = lambda x, v, t, h: v * torch.exp(-h).view(-1, 1)  # noqa: E731
+    for name in sorted(n for n in SOLVERS if not is_adaptive(n)):
+        errors = []
+        for steps in (8, 32):
+            nfe = SOLVERS[name].nfe_per_step * steps + SOLVERS[name].extra_nfe({})
+            result = integrate(velocity_fn, x1.clone(), name, nfe, side_fn, kind, **options)
+            assert result.nfe == nfe, name
+            errors.append(float((result.x - x1 / torch.e).abs().max()))
+        assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05, (name, errors)
