@@ -81,3 +81,13 @@ def test_bafm_sample_not_a_pipeline_folder(sd3_folder, tmp_path, capsys):
     assert main(_args(tmp_path / "empty", sidenet, tmp_path / "o", "prompt=x")) == 2
     err = capsys.readouterr().err
     assert "not a diffusers pipeline folder (missing" in err and "model_index.json" in err
+
+
+def test_bafm_sample_offline_hub_id_is_one_line(sd3_folder, tmp_path, capsys, monkeypatch):
+    _, sidenet = sd3_folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert main(_args("owner/not-downloaded", sidenet, tmp_path / "o", "prompt=x")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "owner/not-downloaded: cannot load a StableDiffusion3Pipeline (offline or not downloaded" in err
+    assert len(err.splitlines()) == 1
