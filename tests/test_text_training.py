@@ -79,3 +79,29 @@ def test_train_refuses_data_of_another_backbone(tiny_text_run, tmp_path, capsys)
     assert main(["train", "--config", EXPERIMENTS[family], *args, "trainer.max_steps=1"]) == 2
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bafm")]
     assert len(ours) == 1 and ours[0].startswith("bafm train: latent shape mismatch")
+
+
+def test_chain_loss_with_a_bfloat16_backbone_under_autocast():
+    # The GPU recipe's dtypes (bfloat16 backbone weights, bf16-mixed autocast), run on the CPU.
+    backbone = FlowTransformerBackbone(tiny_sd3_transformer().to(torch.bfloat16), "sd3")
+    sidenet = TextSideNet(in_channels=4, pooled_dim=64, channels=8, emb_dim=8, depth=2, num_heads=2)
+    torch.nn.init.normal_(sidenet.output_conv.weight, std=0.05)
+    cond, _ = sd3_conditions(2)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = chain_loss(backbone.velocity, sidenet.velocity, x0, cond, ChainLossConfig(links=2),
+                                 torch.Generator().manual_seed(1))  # fmt: skip
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(stats["mse_identity"])
+    assert sidenet.text_embedder.weight.grad.abs().sum() > 0  # the pooled projection is trained
+
+
+def test_train_resumes_from_the_last_checkpoint(tiny_text_run, tmp_path):
+    family, root, overrides = tiny_text_run
+    args = ["--config", EXPERIMENTS[family], *overrides, f"runs_dir={tmp_path}"]
+    assert main(["train", *args, "trainer.max_steps=2"]) == 0
+    assert main(["train", *args, "trainer.max_steps=3", "trainer.resume=last"]) == 0
+    name = "sd3_medium" if family == "sd3" else "flux1_dev"
+    assert json.loads((tmp_path / name / "train_summary.json").read_text())["steps"] == 3
+    assert not any("backbone." in k for k in torch.load(tmp_path / name / "checkpoints" / "last.ckpt",
+                                                        weights_only=True)["state_dict"])  # fmt: skip

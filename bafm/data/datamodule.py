@@ -240,7 +240,8 @@ class LatentDataModule(L.LightningDataModule):
     """Latent shards ``<data.root>/<data.dataset>/<split>-%06d.tar`` described by ``manifest.json``.
 
     Batches are ``{"latent": float32 (B, C, H, W), "cls": int64 (B,), "key": list[str]}``,
-    latents already multiplied by the manifest's scaling factor.
+    latents already shifted and scaled as the manifest says; text-to-image datasets add
+    ``"prompt_embeds"`` float16 ``(B, L, D)`` and ``"pooled"`` float16 ``(B, P)``.
     """
 
     def __init__(self, cfg: Any, seed: int = 0, train_split: str = "train", val_split: str = "val") -> None:

@@ -2,7 +2,9 @@
 
 A shard ``<split>-%06d.tar`` holds one sample per image: ``<key>.moments.npy`` (float16
 ``(2C, H, W)``: posterior mean then std), optionally ``<key>.moments_flip.npy`` (the same for
-the horizontally flipped image) and ``<key>.cls`` (the class id as decimal text). Shards are
+the horizontally flipped image) and ``<key>.cls`` (the class id as decimal text); text-to-image
+shards add the float16 arrays the manifest lists under ``extra_arrays`` (prompt embeddings) and
+``<key>.txt`` (the caption). Shards are
 written under a temporary name and renamed only once complete, so a reader never sees half a
 shard (``bafm.data.shard_writer``); a small JSON record per finished shard (in ``.records/``)
 keeps its sample count and sha256. ``manifest.json`` describes the whole dataset folder and is

@@ -57,7 +57,8 @@ def load_text_pipeline(path: str | Path, family: str, *, device: torch.device | 
     """
     cls = pipeline_class(family)
     try:
-        pipe = cls.from_pretrained(str(path), transformer=None)
+        # safetensors only: reading the weights never unpickles anything.
+        pipe = cls.from_pretrained(str(path), transformer=None, use_safetensors=True)
     except (OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FileNotFoundError(

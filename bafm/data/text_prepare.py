@@ -140,8 +140,8 @@ def prepare_captions(cfg: Any, folder: Path, rank: int, world_size: int, barrier
 def bytes_per_sample(latent_shape: Sequence[int], tokens: int, token_dim: int, pooled_dim: int) -> int:
     """Payload bytes of one text-to-image sample (float16 moments, prompt embeddings, pooled).
 
-    Counted from shapes and dtypes: ``2 * (2 C H W + L D + P)``; tar headers (512 bytes per
-    member, 4 members) and ``.npy`` headers (128 bytes each) come on top, and so does the caption.
+    Counted from shapes and dtypes: ``2 * (2 C H W + L D + P)``; tar headers and padding (up to
+    1 KiB for each of the 5 members), ``.npy`` headers (128 bytes each) and the caption come on top.
     """
     c, h, w = latent_shape
     return 2 * (2 * c * h * w + tokens * token_dim + pooled_dim)
