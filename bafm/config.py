@@ -123,6 +123,7 @@ _RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "data.samples_per_shard": (lambda v: v >= 1, "an integer >= 1"),
     "data.encode_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.max_sequence_length": (lambda v: v >= 1, "an integer >= 1"),
+    "sidenet.patch_size": (lambda v: v >= 1, "an integer >= 1"),
     "loss.links": (lambda v: v >= 1, "an integer >= 1"),
     "loss.offset_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.p_backward": (_probability, "a probability in [0, 1]"),

@@ -22,10 +22,10 @@ from bafm.models.text_sidenet import TextSideNet, load_text_sidenet, save_text_s
 POOLED = 12
 
 
-def _net(seed: int = 0, randomize_output: bool = True) -> TextSideNet:
+def _net(seed: int = 0, randomize_output: bool = True, patch_size: int = 1) -> TextSideNet:
     torch.manual_seed(seed)
     net = TextSideNet(in_channels=4, pooled_dim=POOLED, channels=16, emb_dim=16, depth=3, num_heads=2,
-                      frequency_dim=8)  # fmt: skip
+                      frequency_dim=8, patch_size=patch_size)  # fmt: skip
     if randomize_output:  # the zero output conv would hide every other weight
         torch.nn.init.normal_(net.output_conv.weight, std=0.1)
     return net.eval()
@@ -40,10 +40,27 @@ def _inputs(batch: int = 3, seed: int = 1):
     return x, v, t, h, cond
 
 
-def test_zero_offset_and_fresh_net_are_identity():
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_zero_offset_and_fresh_net_are_identity(patch_size):
     x, v, t, h, cond = _inputs()
-    torch.testing.assert_close(_net().velocity(x, v, t, torch.zeros_like(h), cond), v, rtol=0, atol=0)
-    torch.testing.assert_close(_net(randomize_output=False).velocity(x, v, t, h, cond), v, rtol=0, atol=0)
+    net = _net(patch_size=patch_size)
+    torch.testing.assert_close(net.velocity(x, v, t, torch.zeros_like(h), cond), v, rtol=0, atol=0)
+    fresh = _net(randomize_output=False, patch_size=patch_size)
+    torch.testing.assert_close(fresh.velocity(x, v, t, h, cond), v, rtol=0, atol=0)
+
+
+def test_patches_fold_into_channels():
+    # patch_size 2 is a SideNet on pixel-unshuffled latents whose output is pixel-shuffled back.
+    net2 = _net(patch_size=2)
+    folded = TextSideNet(in_channels=16, pooled_dim=POOLED, channels=16, emb_dim=16, depth=3, num_heads=2,
+                         frequency_dim=8)  # fmt: skip
+    folded.load_state_dict(net2.state_dict())
+    x, v, t, h, cond = _inputs()
+    unshuffle = torch.nn.functional.pixel_unshuffle
+    expected = torch.nn.functional.pixel_shuffle(folded(unshuffle(x, 2), unshuffle(v, 2), t, h, cond), 2)
+    torch.testing.assert_close(net2(x, v, t, h, cond), expected)
+    with pytest.raises(ValueError, match=r"latents of size \(7, 8\) are not divisible by the SideNet's patch_size 2"):
+        net2(x[..., :7, :], v[..., :7, :], t, h, cond)
 
 
 def test_reads_only_the_pooled_embedding():
@@ -86,8 +103,9 @@ def test_wrong_pooled_width_is_named():
         _net()(x, v, t, h, torch.zeros(3, 5))
 
 
-def test_export_round_trip(tmp_path):
-    net = _net(seed=3)
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_export_round_trip(tmp_path, patch_size):
+    net = _net(seed=3, patch_size=patch_size)
     path = tmp_path / "text_sidenet.safetensors"
     json_path = save_text_sidenet(net, path, {"backbone": "tiny-sd3"})
     assert json.loads(json_path.read_text())["format"] == "bafm-text-sidenet"
@@ -109,6 +127,14 @@ def test_loading_refuses_other_formats_and_mismatched_tensors(tmp_path):
         load_text_sidenet(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_text_sidenet(tmp_path / "none.safetensors")
+
+
+def test_patch_size_two_widens_only_the_end_convs():
+    # In and out convs see 4x the channels: 3 x (2 * 16) x 256 x 9 more input weights, 3 x 16 x (256 x 9 + 1)
+    # more output weights and biases.
+    with torch.device("meta"):
+        one, two = TextSideNet(in_channels=16, patch_size=1), TextSideNet(in_channels=16, patch_size=2)
+    assert count_parameters(two)[1] - count_parameters(one)[1] == 3 * 32 * 256 * 9 + 3 * 16 * (256 * 9 + 1)
 
 
 @pytest.mark.parametrize("pooled_dim", [768, 2048])

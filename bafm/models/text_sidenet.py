@@ -32,7 +32,8 @@ from bafm.models.sidenet import SideAttentionBlock, SideResBlock, channel_rms_no
 from bafm.models.text_condition import Condition, pooled_embedding
 
 TEXT_SIDENET_FORMAT = "bafm-text-sidenet"
-TEXT_SIDENET_FIELDS = ("in_channels", "pooled_dim", "channels", "emb_dim", "depth", "num_heads", "frequency_dim")
+TEXT_SIDENET_FIELDS = ("in_channels", "pooled_dim", "channels", "emb_dim", "depth", "num_heads", "frequency_dim",
+                       "patch_size")
 
 
 class TextSideNet(nn.Module):
@@ -53,6 +54,7 @@ class TextSideNet(nn.Module):
         depth: int = 4,
         num_heads: int = 4,
         frequency_dim: int = 256,
+        patch_size: int = 1,
     ) -> None:
         """Build the SideNet (PyTorch default initialisation, zero output conv).
 
@@ -65,6 +67,9 @@ class TextSideNet(nn.Module):
             depth: number of blocks; block ``depth // 2`` is the attention block.
             num_heads: attention heads (``channels`` must be divisible by it).
             frequency_dim: width of the sinusoidal t/h features.
+            patch_size: ``p``: the body runs on ``p x p`` patches folded into channels
+                (``pixel_unshuffle``; ``pixel_shuffle`` unfolds the output), ``p^2`` times fewer
+                positions, as the backbones' own 2x2 patches. 1: the release's layout.
 
         Raises:
             ValueError: on an inconsistent configuration.
@@ -74,23 +79,26 @@ class TextSideNet(nn.Module):
             raise ValueError(f"SideNet depth must be >= 1, got {depth}")
         if pooled_dim < 1:
             raise ValueError(f"pooled_dim must be >= 1, got {pooled_dim}")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.config: Dict[str, Any] = dict(
             in_channels=in_channels, pooled_dim=pooled_dim, channels=channels, emb_dim=emb_dim,
-            depth=depth, num_heads=num_heads, frequency_dim=frequency_dim,
+            depth=depth, num_heads=num_heads, frequency_dim=frequency_dim, patch_size=patch_size,
         )  # fmt: skip
-        self.in_channels, self.pooled_dim = in_channels, pooled_dim
+        self.in_channels, self.pooled_dim, self.patch_size = in_channels, pooled_dim, patch_size
+        folded = in_channels * patch_size**2  # channels of one p x p patch of the latents
         self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim)
         self.h_embedder = TimestepEmbedder(emb_dim, frequency_dim)
         # In place of the class table: one linear map of the pooled text embedding; the fusion
         # MLP below supplies the non-linearity, as it does for the class embedding.
         self.text_embedder = nn.Linear(pooled_dim, emb_dim)
         self.emb_fusion = nn.Sequential(nn.Linear(3 * emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_conv = nn.Conv2d(2 * in_channels, channels, 3, padding=1, bias=False)
+        self.input_conv = nn.Conv2d(2 * folded, channels, 3, padding=1, bias=False)
         self.blocks = nn.ModuleList(
             SideAttentionBlock(channels, emb_dim, num_heads) if i == depth // 2 else SideResBlock(channels, emb_dim)
             for i in range(depth)
         )
-        self.output_conv = nn.Conv2d(channels, in_channels, 3, padding=1)
+        self.output_conv = nn.Conv2d(channels, folded, 3, padding=1)
         # Zero output: the SideNet starts as the identity S(x, v, t, h) = v.
         if not self.output_conv.weight.is_meta:
             nn.init.zeros_(self.output_conv.weight)
@@ -122,10 +130,15 @@ class TextSideNet(nn.Module):
             )
         text = self.text_embedder(pooled.to(self.text_embedder.weight.dtype))  # (B, E)
         emb = self.emb_fusion(torch.cat([self.t_embedder(t), self.h_embedder(h), text], dim=-1))  # (B, E)
-        feat = self.input_conv(torch.cat([x, v], dim=1))  # (B, channels, H, W)
+        p = self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"latents of size {tuple(x.shape[-2:])} are not divisible by the SideNet's patch_size {p}")
+        xv = torch.cat([F.pixel_unshuffle(x, p), F.pixel_unshuffle(v, p)] if p > 1 else [x, v], dim=1)
+        feat = self.input_conv(xv)  # (B, channels, H / p, W / p)
         for block in self.blocks:
             feat = block(feat, emb)
-        delta = self.output_conv(F.silu(channel_rms_norm(feat)))  # (B, C, H, W)
+        delta = self.output_conv(F.silu(channel_rms_norm(feat)))  # (B, C p^2, H / p, W / p)
+        delta = F.pixel_shuffle(delta, p) if p > 1 else delta  # (B, C, H, W)
         return delta * h.reshape(-1, 1, 1, 1).to(delta.dtype)
 
     def velocity(
@@ -205,6 +218,7 @@ def load_text_sidenet(
             f"{path}: its config says format '{config.get('format')}', expected '{TEXT_SIDENET_FORMAT}' "
             "(a class-conditional SideNet loads with bafm.models.load_sidenet)"
         )
+    config = {"patch_size": 1, **config}  # exports written before patch_size existed
     missing = [k for k in TEXT_SIDENET_FIELDS if k not in config]
     if missing:
         raise CheckpointError(f"{path}: config lacks {', '.join(missing)}")
@@ -212,7 +226,7 @@ def load_text_sidenet(
     with torch.device("meta"):
         model = TextSideNet(**kwargs)
     what = (f"TextSideNet (channels {kwargs['channels']}, depth {kwargs['depth']}, pooled_dim "
-            f"{kwargs['pooled_dim']}, in_channels {kwargs['in_channels']})")  # fmt: skip
+            f"{kwargs['pooled_dim']}, in_channels {kwargs['in_channels']}, patch_size {kwargs['patch_size']})")  # fmt: skip
     check_against({k: v.shape for k, v in model.state_dict().items()}, state, path, what)
     model.load_state_dict(cast_state_dict(state, dtype), strict=True, assign=True)
     model = model.to(device)

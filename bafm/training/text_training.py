@@ -46,7 +46,8 @@ def build_text_sidenet(cfg: Any, backbone: FlowTransformerBackbone) -> TextSideN
     """The trainable ``TextSideNet`` of ``cfg.sidenet``, sized for ``backbone``'s latents and pooled width."""
     sc = cfg.sidenet
     sidenet = TextSideNet(in_channels=backbone.in_channels, pooled_dim=backbone.pooled_dim, channels=sc.channels,
-                          emb_dim=sc.emb_dim, depth=sc.depth, num_heads=sc.num_heads)  # fmt: skip
+                          emb_dim=sc.emb_dim, depth=sc.depth, num_heads=sc.num_heads,
+                          patch_size=sc.patch_size)  # fmt: skip
     return sidenet.to(memory_format=torch.channels_last) if sc.channels_last else sidenet
 
 
