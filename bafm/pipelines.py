@@ -215,8 +215,8 @@ def ba_generate(
         **options: ``ba_sample_latents``'s: ``negative_prompt``, ``guidance_scale`` (SD3's CFG,
             default 7; Flux's true CFG, default 1), ``distilled_guidance`` (FLUX.1-dev, 3.5),
             ``interval``, ``height``, ``width``, ``seed`` (image ``i`` starts from noise seeded
-            ``seed + i``), ``latents``, ``grid`` / ``shift`` / ``mu``, ``max_sequence_length`` (T5 tokens; the pipeline's default,
-            SD3 256, Flux 512).
+            ``seed + i``), ``latents``, ``grid`` / ``shift`` / ``mu``, ``max_sequence_length``
+            (T5 tokens; the pipeline's default, SD3 256, Flux 512).
 
     Returns:
         What the pipeline's image processor returns for ``output_type`` (a list of PIL images by

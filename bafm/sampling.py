@@ -364,7 +364,9 @@ def solve_batch(
         interval=sampling.guidance_interval,
     )  # fmt: skip
     if t_grid is None:
-        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device, mu=sampling.mu)
+        # Duck-typed settings without a flux grid may not carry ``mu``.
+        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device,
+                           mu=getattr(sampling, "mu", None))
     return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
 
 

@@ -146,8 +146,10 @@ def test_loader_reads_a_local_pipeline_folder(tmp_path):
     assert (backbone.in_channels, backbone.pooled_dim, backbone.text_dim) == (4, 64, 32)
     x, t = _noise((1, 4, 32, 32)), torch.tensor([0.7])
     cond, _ = sd3_conditions(1)
-    torch.testing.assert_close(backbone.velocity(x, t, cond), FlowTransformerBackbone(pipe.transformer, "sd3").velocity(x, t, cond))
-    with pytest.raises(CheckpointError, match="holds a SD3Transformer2DModel, but backbone family 'flux' needs a FluxTransformer2DModel"):
+    direct = FlowTransformerBackbone(pipe.transformer, "sd3").velocity(x, t, cond)
+    torch.testing.assert_close(backbone.velocity(x, t, cond), direct)
+    wrong = "holds a SD3Transformer2DModel, but backbone family 'flux' needs a FluxTransformer2DModel"
+    with pytest.raises(CheckpointError, match=wrong):
         load_flow_transformer(tmp_path / "pipe", "flux")
 
 
@@ -158,7 +160,8 @@ def test_loader_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no such folder, and not a hub id"):
         load_flow_transformer(tmp_path / "absent", "flux")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(CheckpointError, match=r"owner/not-downloaded/transformer: cannot load .*offline or not downloaded"):
+    offline = r"owner/not-downloaded/transformer: cannot load .*offline or not downloaded"
+    with pytest.raises(CheckpointError, match=offline):
         load_flow_transformer("owner/not-downloaded", "sd3", local_files_only=True)
 
 

@@ -107,7 +107,9 @@ class FlowTransformerBackbone(nn.Module):
 
     def _check(self, x: Tensor, cond: TextCondition) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.family} backbone takes latents (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.family} backbone takes latents (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
         if x.shape[-2] % self.spatial_multiple or x.shape[-1] % self.spatial_multiple:
             raise ValueError(
                 f"{self.family} latents need H and W divisible by {self.spatial_multiple}, got {tuple(x.shape[-2:])}"
@@ -165,7 +167,7 @@ def _transformer_class(family: str) -> type:
     return getattr(diffusers, FAMILIES[family])
 
 
-def _local_subfolder(path: Path, subfolder: str) -> Optional[str]:
+def _local_subfolder(path: Path, subfolder: str) -> str:
     """The subfolder of a local pipeline folder holding the transformer ('' for a transformer folder)."""
     if (path / subfolder / "config.json").is_file():
         return subfolder

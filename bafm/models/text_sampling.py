@@ -54,7 +54,9 @@ class TextGuidedVelocity:
     def condition(self, x: Tensor, doubled: bool) -> TextCondition:
         """The condition of a call on ``x`` (batch ``B``): ``cond``, or ``(cond, negative)`` doubled."""
         if x.shape[0] != self.batch:
-            raise ValueError(f"text closure built for batch {self.batch} (prompts), called with x of batch {x.shape[0]}")
+            raise ValueError(
+                f"text closure built for batch {self.batch} (prompts), called with x of batch {x.shape[0]}"
+            )
         return self.cond_pair if doubled else self.cond
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
