@@ -58,12 +58,19 @@ def count_flops(fn) -> int:
 def measure(size: T2ISize) -> Dict[str, Any]:
     """FLOPs per image of one BA step, and the parameters of every component, for ``size``."""
     backbone = FlowTransformerBackbone(build_transformer(size), size.family)
-    sidenet = build_sidenet(size, dtype=torch.bfloat16)
     x, t, cond = inputs(size, 1)
     backbone_flops = count_flops(lambda: backbone.velocity(x, t, cond))
     k = SIDENET_ROWS_PER_STEP
-    side_flops = count_flops(lambda: sidenet.velocity(x.repeat(k, 1, 1, 1), x.repeat(k, 1, 1, 1), t.repeat(k),
-                                                      t.repeat(k), repeat_condition(cond, k)))  # fmt: skip
+
+    def side_step_flops(sidenet) -> int:
+        return count_flops(lambda: sidenet.velocity(x.repeat(k, 1, 1, 1), x.repeat(k, 1, 1, 1), t.repeat(k),
+                                                    t.repeat(k), repeat_condition(cond, k)))  # fmt: skip
+
+    sidenet = build_sidenet(size, dtype=torch.bfloat16)
+    side_flops = side_step_flops(sidenet)
+    # The release layout (body on every latent position) for comparison.
+    full_res = build_sidenet(size, dtype=torch.bfloat16, patch_size=1)
+    full_res_flops = side_step_flops(full_res)
     branches = 2 if size.cfg else 1
     params = {"transformer": parameter_count(backbone.transformer), "sidenet": parameter_count(sidenet),
               "vae": parameter_count(build_vae())}  # fmt: skip
@@ -79,6 +86,9 @@ def measure(size: T2ISize) -> Dict[str, Any]:
         "sidenet_rows_per_step": k * branches,
         "sidenet_over_backbone_flops": side_flops / backbone_flops,
         "sidenet_over_backbone_params": params["sidenet"] / params["transformer"],
+        "patch_size_1": {"sidenet_tflops_per_step_per_image": full_res_flops * branches / 1e12,
+                         "sidenet_over_backbone_flops": full_res_flops / backbone_flops,
+                         "sidenet_parameters": parameter_count(full_res)},
         "parameters": params,
         "weights_gib": {
             "transformer_bf16": params["transformer"] * 2 / GIB,

@@ -39,8 +39,9 @@ CLIP_VIT_L14 = dict(text_config=dict(hidden_size=768, intermediate_size=3072, nu
                     vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                        num_attention_heads=16, patch_size=14, image_size=224),
                     projection_dim=768)  # fmt: skip
-# The release SideNet's widths (channels 256, embedding 256, depth 4).
-SIDENET_RELEASE = dict(channels=256, emb_dim=256, depth=4, num_heads=4, frequency_dim=256)
+# The release SideNet's widths (channels 256, embedding 256, depth 4) on 2x2 latent patches, as in
+# experiments/sd3_medium.yaml and flux1_dev.yaml.
+SIDENET_RELEASE = dict(channels=256, emb_dim=256, depth=4, num_heads=4, frequency_dim=256, patch_size=2)
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,11 @@ def build_transformer(size: T2ISize, device: torch.device | str = "meta", dtype:
     return model.eval().requires_grad_(False)
 
 
-def build_sidenet(size: T2ISize, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> TextSideNet:
-    """The release-width text SideNet for ``size``'s latents and pooled embedding."""
+def build_sidenet(size: T2ISize, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32,
+                  **overrides: Any) -> TextSideNet:  # fmt: skip
+    """The experiments' text SideNet for ``size``'s latents and pooled embedding (``overrides``: its fields)."""
     with torch.device(device):
-        net = TextSideNet(in_channels=size.latent[0], pooled_dim=size.pooled_dim, **SIDENET_RELEASE)
+        net = TextSideNet(in_channels=size.latent[0], pooled_dim=size.pooled_dim, **{**SIDENET_RELEASE, **overrides})
     return net.to(dtype=dtype)
 
 
