@@ -72,10 +72,15 @@ def pipeline_grid(pipe: Any, family: str, latent_hw: Tuple[int, int]) -> Tuple[s
         return "sd3", float(config.get("shift", 1.0)), None
     if not dynamic:
         return "shift", float(config.get("shift", 1.0)), None
+    return "flux", 1.0, pipeline_mu(pipe, latent_hw)
+
+
+def pipeline_mu(pipe: Any, latent_hw: Tuple[int, int]) -> float:
+    """Flux's ``mu`` for unpacked latents of ``latent_hw``, from the pipeline's scheduler config."""
+    config = pipe.scheduler.config
     tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-    mu = flux_mu(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
-    return "flux", 1.0, mu
+    return flux_mu(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                   config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
 
 
 def encode_prompts(
@@ -147,7 +152,8 @@ def ba_sample_latents(
 
     Arguments as ``ba_generate``; ``latents`` (``(B, C, H, W)``, unpacked) replace the seeded noise.
     ``grid`` None follows the pipeline's own schedule (``pipeline_grid``; ``shift`` / ``mu`` given
-    here replace its values), else a grid kind or explicit grid as ``bafm.sampling.integrate`` takes.
+    here replace its values), else a grid kind or explicit grid as ``bafm.sampling.integrate`` takes
+    (``"flux"`` without ``mu``: the pipeline's ``mu`` for the latent size).
     """
     family = pipeline_family(pipe)
     device = pipe._execution_device
@@ -177,6 +183,8 @@ def ba_sample_latents(
     if grid is None:
         grid, own_shift, own_mu = pipeline_grid(pipe, family, tuple(latents.shape[-2:]))
         shift, mu = own_shift if shift is None else shift, own_mu if mu is None else mu
+    elif grid == "flux" and mu is None:
+        mu = pipeline_mu(pipe, tuple(latents.shape[-2:]))
     shift = 1.0 if shift is None else float(shift)
     return integrate(velocity_fn, latents.float(), solver, nfe, side_fn, grid, shift=shift, mu=mu)
 

@@ -51,13 +51,13 @@ def load_pipeline(path: str, family: str, dtype: torch.dtype, device: torch.devi
 
 
 def _grid_options(cfg: ExperimentConfig) -> dict:
-    """``grid`` for ``ba_sample_latents``: the pipeline's own schedule for ``sd3`` / ``flux``."""
+    """``grid`` / ``shift`` / ``mu`` for ``ba_sample_latents`` (``flux`` without ``sampling.mu``: the
+    pipeline's ``mu`` for the image size)."""
     kind = str(cfg.sampling.grid)
-    if kind in ("sd3", "flux"):
-        return {"mu": None if cfg.sampling.mu is None else float(cfg.sampling.mu)}
     if kind == "optimized":
         raise ConfigError("'sampling.grid' is 'optimized'; `bafm sample` takes uniform, shift, sd3 or flux")
-    return {"grid": kind, "shift": float(cfg.sampling.shift)}
+    mu = None if cfg.sampling.mu is None else float(cfg.sampling.mu)
+    return {"grid": kind, "shift": float(cfg.sampling.shift), "mu": mu}
 
 
 def run(cfg: ExperimentConfig, out: Optional[str]) -> int:

@@ -87,3 +87,20 @@ def test_pipeline_grid_follows_the_scheduler():
 def test_ba_without_sidenet_is_refused():
     with pytest.raises(ValueError, match="solver 'ba' needs a trained SideNet"):
         ba_generate(_quiet(sd3_pipeline_with_text()), None, "a cat", nfe=2, height=16, width=16)
+
+
+def test_explicit_grids_reach_the_solver(monkeypatch):
+    import bafm.pipelines as pipelines
+
+    seen = {}
+
+    def spy(velocity_fn, x, solver, nfe, side_fn, grid, **kw):
+        seen.update(grid=grid, **kw)
+        return pipelines.SolveResult(x=x, nfe=nfe)
+
+    monkeypatch.setattr(pipelines, "integrate", spy)
+    flux = _quiet(flux_pipeline_with_text())
+    ba_sample_latents(flux, None, "a cat", nfe=2, solver="euler", height=16, width=16, grid="flux")
+    assert seen == {"grid": "flux", "shift": 1.0, "mu": pytest.approx(0.5 + 0.65 / 3840 * (64 - 256))}
+    ba_sample_latents(flux, None, "a cat", nfe=2, solver="euler", height=16, width=16, grid="sd3", shift=5.0)
+    assert seen == {"grid": "sd3", "shift": 5.0, "mu": None}

@@ -25,8 +25,8 @@ def sd3_folder(tmp_path_factory):
 
 def _args(folder, sidenet, out, *extra):
     return ["sample", "backbone.source=sd3", f"backbone.path={folder}", f"sidenet.path={sidenet}",
-            "sample.height=16", "sample.width=16", "sample.nfe=3", "sampling.grid=sd3", "sampling.cfg_scale=4.0",
-            "sampling.guidance_interval=[0.0,1.0]", "--out", str(out), *extra]  # fmt: skip
+            "sample.height=16", "sample.width=16", "sample.nfe=3", "sampling.grid=sd3", "sampling.shift=3.0",
+            "sampling.cfg_scale=4.0", "sampling.guidance_interval=[0.0,1.0]", "--out", str(out), *extra]  # fmt: skip
 
 
 def test_bafm_sample_writes_the_pngs_ba_generate_gives(sd3_folder, tmp_path, capsys):
