@@ -17,8 +17,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from bafm.models.guidance import GuidedVelocity, RawPairVelocity, combine_guidance, guidance_active
+from bafm.models.guidance import AnchorMemo, AnchorRecord, combine_guidance, guidance_active
 from bafm.models.text_condition import TextCondition, concat_conditions, condition_batch_size, repeat_condition
+from bafm.solvers.counting import stack_rows
 
 # backbone.velocity(x, t, cond) -> v; sidenet.velocity(x, v, t, h, cond) -> v_hat at t - h.
 TextBackboneVelocity = Callable[[Tensor, Tensor, TextCondition], Tensor]
@@ -29,8 +30,9 @@ class TextGuidedVelocity:
     """``velocity_fn(x, t)`` for one batch of prompt embeddings, with optional CFG.
 
     Without guidance each call is ``backbone(x, t, cond)``. With guidance the backbone sees the
-    doubled batch with ``(cond, negative)`` whenever some row is guided, or always when
-    ``keep_raw`` (a SideNet needs the raw pair at every anchor).
+    doubled batch with ``(cond, negative)`` whenever some row is guided, or always when a SideNet
+    is paired (its nodes may fall inside the interval); then every call's ``AnchorRecord`` (the
+    raw pair) goes to ``memo``, as ``bafm.models.guidance.GuidedVelocity`` does.
     """
 
     def __init__(
@@ -40,7 +42,7 @@ class TextGuidedVelocity:
         negative: Optional[TextCondition],
         cfg_scale: float,
         interval: Optional[Tuple[float, float]],
-        keep_raw: bool,
+        memo: Optional[AnchorMemo],
     ) -> None:
         self.backbone_velocity = backbone_velocity
         self.cond = cond
@@ -49,7 +51,7 @@ class TextGuidedVelocity:
         self.interval = interval
         self.guided = self.cfg_scale != 1.0 and (interval is None or interval[0] < interval[1])
         self.cond_pair = concat_conditions([cond, negative]) if self.guided else None
-        self.keep_raw = keep_raw and self.guided
+        self.memo = memo
 
     def condition(self, x: Tensor, doubled: bool) -> TextCondition:
         """The condition of a call on ``x`` (batch ``B``): ``cond``, or ``(cond, negative)`` doubled."""
@@ -60,53 +62,53 @@ class TextGuidedVelocity:
         return self.cond_pair if doubled else self.cond
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        """Velocity at ``(x, t)``: ``x`` ``(B, C, H, W)``, ``t`` ``(B,)``; returns ``(B, C, H, W)``.
-
-        With ``keep_raw`` the result is a ``RawPairVelocity`` carrying ``(v_cond, v_uncond)``.
-        """
-        if not self.guided or (not self.keep_raw and not bool(guidance_active(t, self.interval).any())):
-            return self.backbone_velocity(x, t, self.condition(x, doubled=False))
+        """Velocity at ``(x, t)``: ``x`` ``(B, C, H, W)``, ``t`` ``(B,)``; returns ``(B, C, H, W)``."""
+        doubled = self.guided and (self.memo is not None or bool(guidance_active(t, self.interval).any()))
+        if not doubled:
+            v = self.backbone_velocity(x, t, self.condition(x, doubled=False))
+            return v if self.memo is None else self.memo.remember(AnchorRecord(v))
         out = self.backbone_velocity(torch.cat([x, x]), torch.cat([t, t]), self.condition(x, doubled=True))
         v_cond, v_uncond = out.chunk(2)
         v = combine_guidance(v_cond, v_uncond, t, self.cfg_scale, self.interval)
-        return RawPairVelocity.attach(v, v_cond, v_uncond) if self.keep_raw else v
+        return v if self.memo is None else self.memo.remember(AnchorRecord(v, (v_cond, v_uncond)))
 
 
 class TextGuidedSide:
     """``side_fn(x, v, t, h)`` paired with a ``TextGuidedVelocity``.
 
     ``probe`` evaluates ``K`` offsets in ONE SideNet call: ``K * B`` rows without guidance,
-    ``2 K * B`` (cond/uncond per offset, offset-major) with.
+    ``2 K * B`` (cond/uncond per offset, offset-major) with. ``select`` merges two velocities row
+    by row with the raw pairs they carry (``AnchorMemo.select``), for ``ba-adaptive``.
     """
 
     def __init__(self, side_velocity: TextSideVelocity, velocity: TextGuidedVelocity) -> None:
         self.side_velocity = side_velocity
         self.velocity = velocity
+        self.memo: Optional[AnchorMemo] = velocity.memo  # None without guidance: v is all it needs
 
     def __call__(self, x: Tensor, v: Tensor, t: Tensor, h: Tensor) -> Tensor:
         """Estimate at ``t - h``: ``x``, ``v`` ``(B, C, H, W)``, ``t``, ``h`` ``(B,)``."""
         return self.probe(x, v, t, [h])[0]
 
+    def select(self, keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``a`` where ``keep`` else ``b`` (``(B,)`` bool), raw pairs merged alike."""
+        if self.memo is None:
+            return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)
+        return self.memo.select(keep, a, b)
+
     def probe(self, x: Tensor, v: Tensor, t: Tensor, offsets: Sequence[Tensor]) -> List[Tensor]:
         """Estimates at ``t - h`` for each ``h`` in ``offsets`` (each ``(B,)``), one SideNet call."""
         k, batch, vel = len(offsets), x.shape[0], self.velocity
-        if not vel.guided:
-            cond = vel.condition(x, doubled=False)
-            if k == 1:
-                return [self.side_velocity(x, v, t, offsets[0], cond)]
-            out = self.side_velocity(
-                torch.cat([x] * k), torch.cat([v] * k), t.repeat(k), torch.cat(list(offsets)), repeat_condition(cond, k)
-            )
-            return list(out.split(batch))
-        v_cond, v_uncond = GuidedVelocity.raw_pair(v)
-        out = self.side_velocity(
-            torch.cat([x] * (2 * k)),
-            torch.cat([v_cond, v_uncond] * k),
-            t.repeat(2 * k),
-            torch.cat([h for h in offsets for _ in range(2)]),
-            repeat_condition(vel.condition(x, doubled=True), k),  # (cond, negative) per offset
-        )
-        chunks = out.split(batch)
+        record = AnchorRecord(v) if self.memo is None else self.memo.recall(v)
+        if record.raw is None:
+            xs, vs, ts = stack_rows(k, x, v, t)
+            cond = repeat_condition(vel.condition(x, doubled=False), k)
+            return list(self.side_velocity(xs, vs, ts, torch.cat(list(offsets)), cond).split(batch))
+        v_cond, v_uncond = record.raw
+        # Rows: [x | x] per offset, offset-major, so chunk 2j is cond and 2j+1 uncond of offset j.
+        xs, vs, ts = stack_rows(k, torch.cat([x, x]), torch.cat([v_cond, v_uncond]), torch.cat([t, t]))
+        cond = repeat_condition(vel.condition(x, doubled=True), k)  # (cond, negative) per offset
+        chunks = self.side_velocity(xs, vs, ts, torch.cat([h for h in offsets for _ in range(2)]), cond).split(batch)
         return [
             combine_guidance(chunks[2 * j], chunks[2 * j + 1], t - h, vel.cfg_scale, vel.interval)
             for j, h in enumerate(offsets)
@@ -156,8 +158,8 @@ def build_text_sampling_fns(
         shapes = [tuple(c.shape) for c in cond], [tuple(c.shape) for c in negative]
         if shapes[0] != shapes[1]:
             raise ValueError(f"negative prompt embeddings {shapes[1]} must match the prompts' {shapes[0]}")
-    velocity = TextGuidedVelocity(
-        backbone_velocity, cond, negative, cfg_scale, interval, keep_raw=side_velocity is not None
-    )
+    guided = float(cfg_scale) != 1.0 and (interval is None or interval[0] < interval[1])
+    memo = AnchorMemo() if side_velocity is not None and guided else None
+    velocity = TextGuidedVelocity(backbone_velocity, cond, negative, cfg_scale, interval, memo)
     side = TextGuidedSide(side_velocity, velocity) if side_velocity is not None else None
     return velocity, side

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bafm.models.anchor_features import anchor_for, uses_backbone_features
 from bafm.models.layers import count_parameters, drop_labels
 from bafm.models.text_condition import Condition, TextCondition, condition_to, drop_conditions
+from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
+from bafm.training.side_error import ProbeSet, build_probe_set, side_relative_error, summarize
 
 BACKBONE_PREFIX = "backbone."
 
@@ -38,6 +41,8 @@ class SideNetModule(L.LightningModule):
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up.
         ema_decay: EMA decay of the SideNet weights.
         seed: run seed; each step's randomness is derived from (seed, step, rank).
+        side_error_samples: held-out noises for ``val/side_rel_err`` (0: not measured).
+        side_error_budgets: NFE budgets whose uniform grids' SideNet offsets it measures.
         hparams: the experiment config as a plain dict, logged and stored with checkpoints.
         null_condition: text-to-image only: the unconditional encoding (batch 1, the empty
             prompt's); batches then carry ``prompt_embeds`` / ``pooled`` and dropout swaps it in.
@@ -57,6 +62,8 @@ class SideNetModule(L.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.9996,
         seed: int = 0,
+        side_error_samples: int = 0,
+        side_error_budgets: Sequence[int] = (5, 10),
         hparams: Optional[Dict[str, Any]] = None,
         null_condition: Optional[TextCondition] = None,
     ) -> None:
@@ -68,6 +75,8 @@ class SideNetModule(L.LightningModule):
         # and put that copy into every checkpoint, which must never hold backbone weights.
         self.ema = AveragedModel(sidenet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        # Backbone calls of the chain loss; with the backbone's tokens for a SideNet that reads them.
+        self.anchor = anchor_for(self.backbone, sidenet) if uses_backbone_features(sidenet) else None
         self.num_classes = num_classes
         self.loss_cfg = loss
         self.label_dropout = label_dropout
@@ -75,6 +84,9 @@ class SideNetModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.seed = seed
         self.null_condition = null_condition  # not a buffer: checkpoints hold the SideNet only
+        self.side_error_samples = int(side_error_samples)
+        self.side_error_budgets = tuple(int(b) for b in side_error_budgets)
+        self._probes: Optional[ProbeSet] = None  # exact-ODE anchors, built at the first validation
         self.save_hyperparameters(hparams or {})
         # Read by ThroughputMonitor; FLOPs are not counted, it logs batches and images per second.
         self.flops_per_batch: Optional[int] = None
@@ -113,7 +125,8 @@ class SideNetModule(L.LightningModule):
         x0 = batch["latent"]
         generator = self._generator()
         y = self._dropped_condition(batch, x0, generator)
-        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator)
+        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator,
+                                 anchor=self.anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite SideNet loss ({loss.item()}) at step {self.global_step}; training stopped. "
@@ -132,6 +145,32 @@ class SideNetModule(L.LightningModule):
         cond = condition_to(TextCondition(batch["prompt_embeds"], batch["pooled"]), x0.device, x0.dtype)
         null = condition_to(self.null_condition, x0.device, x0.dtype)
         return drop_conditions(cond, null, self.label_dropout, generator)
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The chain loss of the EMA SideNet on a fixed validation batch (same draws at every validation)."""
+        x0 = batch["latent"]
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(step_seed(self.seed, -1 - batch_idx, self.global_rank))  # never a training step's
+        y = self._dropped_condition(batch, x0, generator)
+        loss, stats = chain_loss(self.backbone.velocity, self.ema_sidenet.velocity, x0, y, self.loss_cfg, generator,
+                                 anchor=self.anchor)
+        batch_size = x0.shape[0]
+        self.log("val/loss", loss, batch_size=batch_size, sync_dist=True)
+        self.log("val/loss_over_identity", loss / stats["mse_identity"].clamp_min(1e-12), batch_size=batch_size,
+                 sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/side_rel_err`` (mean and worst over the probes) of the EMA SideNet."""
+        if self.side_error_samples <= 0 or self.trainer.sanity_checking:
+            return
+        if self._probes is None:
+            self._probes = build_probe_set(
+                self.backbone, self.ema_sidenet, latent_shape(self.backbone), num_samples=self.side_error_samples,
+                budgets=self.side_error_budgets, device=self.device)
+        summary = summarize(side_relative_error(self.ema_sidenet, self._probes))
+        self.log("val/side_rel_err", summary["mean"], sync_dist=True)
+        self.log("val/side_rel_err_worst", summary["worst"], sync_dist=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.sidenet)
