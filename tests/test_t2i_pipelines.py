@@ -104,3 +104,11 @@ def test_explicit_grids_reach_the_solver(monkeypatch):
     assert seen == {"grid": "flux", "shift": 1.0, "mu": pytest.approx(0.5 + 0.65 / 3840 * (64 - 256))}
     ba_sample_latents(flux, None, "a cat", nfe=2, solver="euler", height=16, width=16, grid="sd3", shift=5.0)
     assert seen == {"grid": "sd3", "shift": 5.0, "mu": None}
+
+
+def test_ba_adaptive_with_cfg_runs_through_the_text_closures():
+    # ba-adaptive merges velocities row by row; with CFG their raw pairs must follow (AnchorMemo.select).
+    pipe = _quiet(sd3_pipeline_with_text())
+    result = ba_sample_latents(pipe, _sidenet(pipe, 4), PROMPTS, nfe=None, solver="ba-adaptive", guidance_scale=4.0,
+                               height=16, width=16, seed=1)  # fmt: skip
+    assert result.x.shape == (2, 4, 16, 16) and bool(torch.isfinite(result.x).all()) and result.nfe >= 2
