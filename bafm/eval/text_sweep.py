@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -99,11 +100,89 @@ class _Point:
 
     def __init__(self, point: SweepPoint, grid: str) -> None:
         self.point, self.grid = point, grid
-        self.features: List[Tensor] = []
-        self.latents_sq: List[Tensor] = []
-        self.clip: List[float] = [0.0, 0.0]  # sum, count
-        self.nfe = self.steps = self.seconds = 0.0
-        self.images: List[Tensor] = []
+        self.features: List[Tensor] = []  # (B, D) per batch
+        self.rmse: List[Tensor] = []  # (B,) RMS latent distance to the reference, per batch
+        self.clip_sum, self.clip_count = 0.0, 0
+        self.nfe = self.steps = self.seconds = 0.0  # sums over samples
+        self.images: List[Tensor] = []  # the first eval.grid_images samples
+
+    def row(self, n: int, real: Optional[FeatureStats], reference: FeatureStats) -> Dict[str, Any]:
+        """The row of ``TEXT_COLUMNS`` over ``n`` samples."""
+        is_ref = self.point.solver == REFERENCE
+        stats = feature_statistics(torch.cat(self.features))
+        return {"solver": self.point.solver, "grid": self.grid,
+                "nfe": round(self.nfe / n, 2) if is_ref else int(round(self.nfe / n)),
+                "steps": int(round(self.steps / n)),
+                "fid": frechet_distance(stats, real) if real is not None else math.nan,
+                "clip_score": max(self.clip_sum / self.clip_count, 0.0) if self.clip_count else math.nan,
+                "fd_ref": 0.0 if is_ref else frechet_distance(stats, reference),
+                "traj_rmse": float(torch.cat(self.rmse).mean()), "seconds": self.seconds / n, "n_samples": n}  # fmt: skip
+
+
+@dataclass
+class TextSweepModels:
+    """What a text-to-image sweep samples and measures with, loaded once."""
+
+    pipe: Any  # the diffusers pipeline (encode_prompt, VAE, image processor)
+    family: str
+    backbone: Any  # FlowTransformerBackbone
+    sidenet: Any  # TextSideNet, or None when no swept solver uses one
+    extractor: Any  # FeatureExtractor for fid / fd_ref
+    clip: Any  # torchmetrics CLIPScore, or None
+    shape: Tuple[int, int, int]  # unpacked latent (C, H, W)
+    grid: Tuple[str, float, Optional[float]]  # (kind, shift, mu) of the sampling grid
+
+
+def load_text_sweep_models(cfg: ExperimentConfig, sidenet_path: Optional[Path],
+                           device: torch.device) -> TextSweepModels:
+    """Pipeline, backbone, SideNet (from ``sidenet_path``, None: none), feature extractor and CLIP scorer.
+
+    Raises:
+        SweepInputError: the CLIP model cannot be loaded.
+        CheckpointError: the pipeline or the SideNet cannot be loaded (one line).
+    """
+    from bafm.eval.clip_score import ClipImageFeatures, ClipScoreError, load_clip, load_clip_score
+    from bafm.eval.features import build_feature_extractor
+    from bafm.models.diffusers_flow import FlowTransformerBackbone
+    from bafm.models.text_sidenet import load_text_sidenet
+    from bafm.text_sample import PRECISIONS, load_pipeline
+
+    ec, family = cfg.eval, str(cfg.backbone.source)
+    try:
+        loaded = load_clip(str(ec.clip_model)) if ec.clip_model else None
+    except ClipScoreError as err:
+        raise SweepInputError(str(err)) from None
+    clip = load_clip_score(str(ec.clip_model), device, loaded) if loaded is not None else None
+    if ec.feature_extractor == "clip":
+        extractor = ClipImageFeatures(*loaded, name=str(ec.clip_model)).to(device).eval()
+    else:
+        extractor = build_feature_extractor("inception", inception_weights=ec.inception_weights or None, device=device)
+    pipe = load_pipeline(str(cfg.backbone.path), family, PRECISIONS[str(cfg.backbone.precision)], device)
+    backbone = FlowTransformerBackbone(pipe.transformer, family, distilled_guidance=float(cfg.backbone.guidance))
+    sidenet = load_text_sidenet(sidenet_path, device=device) if sidenet_path is not None else None
+    # The pipelines' latent sizes: the VAE's factor, and the transformer's patches (Flux: 2x2 packing).
+    multiple = pipe.vae_scale_factor * backbone.spatial_multiple
+    shape = (backbone.in_channels, int(cfg.sample.height) // multiple * multiple // pipe.vae_scale_factor,
+             int(cfg.sample.width) // multiple * multiple // pipe.vae_scale_factor)  # fmt: skip
+    return TextSweepModels(pipe, family, backbone, sidenet, extractor, clip, shape,
+                           text_grid(cfg, pipe, family, shape[1:]))  # fmt: skip
+
+
+def _solve_point(models: TextSweepModels, cfg: ExperimentConfig, point: SweepPoint, noise: Tensor, cond: Any,
+                 negative: Any) -> SolveResult:
+    """One batch of one row: the reference (rk4 on a uniform grid, or dopri5) or a solver at its budget."""
+    ec = cfg.eval
+    guidance = dict(cfg_scale=float(cfg.sampling.cfg_scale),
+                    interval=tuple(float(v) for v in cfg.sampling.guidance_interval))  # fmt: skip
+    if point.solver == REFERENCE and ec.reference_solver == "rk4":
+        grid = uniform_grid(int(ec.reference_steps), dtype=torch.float64)
+        return solve_text_batch(models.backbone, None, "rk4", None, noise, cond, negative, grid=grid, **guidance)
+    if point.solver == REFERENCE:
+        return solve_text_batch(models.backbone, None, REFERENCE, None, noise, cond, negative, grid="uniform",
+                                rtol=float(ec.reference_rtol), atol=float(ec.reference_atol), **guidance)  # fmt: skip
+    kind, shift, mu = models.grid
+    return solve_text_batch(models.backbone, models.sidenet, point.solver, point.nfe, noise, cond, negative,
+                            grid=kind, shift=shift, mu=mu, **guidance)  # fmt: skip
 
 
 def _reference_stats(cfg: ExperimentConfig, extractor: Any, size: Tuple[int, int], device: torch.device) -> Optional[FeatureStats]:
@@ -159,20 +238,14 @@ def text_sweep(cfg: ExperimentConfig, out: Optional[str] = None, *, progress: bo
         SweepInputError: a bad solver, budget, file or CLIP model, before any sampling.
     """
     from bafm.data.captions import read_prompts
-    from bafm.eval.clip_score import ClipImageFeatures, ClipScoreError, clip_score_sum, load_clip, load_clip_score
-    from bafm.eval.features import build_feature_extractor
-    from bafm.eval.report import markdown_table, rows_to_csv, save_grids
-    from bafm.eval.points import image_grid
-    from bafm.models.diffusers_flow import FlowTransformerBackbone
-    from bafm.models.text_sidenet import load_text_sidenet
+    from bafm.eval.clip_score import clip_score_sum
     from bafm.pipelines import decode_latents, encode_prompts
-    from bafm.text_sample import PRECISIONS, load_pipeline
 
-    ec, family = cfg.eval, str(cfg.backbone.source)
+    ec = cfg.eval
     solvers, budgets = _check_inputs(cfg)
     try:
         prompts = read_prompts(ec.captions_file)
-        dest = check_output_folder(Path(out) if out else (Path(ec.out_dir) if ec.out_dir else run_dir(cfg) / "nfe_sweep"))
+        dest = check_output_folder(output_folder(cfg, out))
     except (FileNotFoundError, ValueError, OutputFolderError) as err:
         raise SweepInputError(str(err)) from None
     side_path, reason = sidenet_choice(cfg)
@@ -180,99 +253,73 @@ def text_sweep(cfg: ExperimentConfig, out: Optional[str] = None, *, progress: bo
     points = plan_sweep(solvers, budgets, sidenet_available=side_path.is_file() or not needs_side,
                         sidenet_hint=f"{side_path} ({reason})")  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() and ec.device != "cpu" else "cpu")
-    try:
-        loaded = load_clip(str(ec.clip_model)) if ec.clip_model else None
-    except ClipScoreError as err:
-        raise SweepInputError(str(err)) from None
-    clip = load_clip_score(str(ec.clip_model), device, loaded) if loaded is not None else None
-    if ec.feature_extractor == "clip":
-        extractor = ClipImageFeatures(*loaded, name=str(ec.clip_model)).to(device).eval()
-    else:
-        extractor = build_feature_extractor("inception", inception_weights=ec.inception_weights or None, device=device)
-    pipe = load_pipeline(str(cfg.backbone.path), family, PRECISIONS[str(cfg.backbone.precision)], device)
-    backbone = FlowTransformerBackbone(pipe.transformer, family, distilled_guidance=float(cfg.backbone.guidance))
-    sidenet = load_text_sidenet(side_path, device=device) if needs_side else None
-    height, width = int(cfg.sample.height), int(cfg.sample.width)
-    multiple = pipe.vae_scale_factor * backbone.spatial_multiple
-    shape = (backbone.in_channels, height // multiple * multiple // pipe.vae_scale_factor,
-             width // multiple * multiple // pipe.vae_scale_factor)  # fmt: skip
-    grid, shift, mu = text_grid(cfg, pipe, family, shape[1:])
-    real = _reference_stats(cfg, extractor, (height, width), device)
-    cfg_scale = float(cfg.sampling.cfg_scale)
-    interval = tuple(float(v) for v in cfg.sampling.guidance_interval)
-    guided = cfg_scale != 1.0
-    sampling_for_label = SamplingSettings(grid=grid, shift=shift, mu=mu)
-    reference = SweepPoint(REFERENCE, 0, 0)
-    results = [_Point(reference, "uniform" if ec.reference_solver == "rk4" else "adaptive")]
-    results += [_Point(p, grid_label(p.solver, sampling_for_label)) for p in points]
-    n = int(ec.num_samples)
+    models = load_text_sweep_models(cfg, side_path if needs_side else None, device)
+    real = _reference_stats(cfg, models.extractor, (int(cfg.sample.height), int(cfg.sample.width)), device)
+    kind, shift, mu = models.grid
+    label = SamplingSettings(grid=kind, shift=shift, mu=mu)
+    results = [_Point(SweepPoint(REFERENCE, 0, 0), "uniform" if ec.reference_solver == "rk4" else "adaptive")]
+    results += [_Point(p, grid_label(p.solver, label)) for p in points]
+    n, batch_size = int(ec.num_samples), int(ec.batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n * len(results), unit="img", desc="t2i nfe sweep", dynamic_ncols=True)
-    ref_latents: Optional[Tensor] = None
-    for start in range(0, n, int(ec.batch_size)):
-        ids = torch.arange(start, min(n, start + int(ec.batch_size)))
+    for start in range(0, n, batch_size):
+        ids = torch.arange(start, min(n, start + batch_size))
         batch_prompts = [prompts[i % len(prompts)] for i in ids.tolist()]
-        cond, negative = encode_prompts(pipe, family, batch_prompts, str(cfg.sample.negative_prompt), guided,
-                                        int(cfg.sample.max_sequence_length))  # fmt: skip
-        noise = sample_noise(ids, shape, int(ec.seed), device=device)
-        for res in results:
-            p = res.point
+        # Encoded once per batch for every row; the negative prompt only when CFG is on.
+        cond, negative = encode_prompts(models.pipe, models.family, batch_prompts, str(cfg.sample.negative_prompt),
+                                        float(cfg.sampling.cfg_scale) != 1.0, int(cfg.sample.max_sequence_length))
+        noise = sample_noise(ids, models.shape, int(ec.seed), device=device)
+        reference: Optional[Tensor] = None
+        for res in results:  # the reference first: the others' traj_rmse is measured against it
             sync(device)
             began = time.perf_counter()
-            if p.solver == REFERENCE and ec.reference_solver == "rk4":
-                out_ = solve_text_batch(backbone, None, "rk4", None, noise, cond, negative, cfg_scale=cfg_scale,
-                                        interval=interval, grid=uniform_grid(int(ec.reference_steps), dtype=torch.float64))
-            elif p.solver == REFERENCE:
-                out_ = solve_text_batch(backbone, None, REFERENCE, None, noise, cond, negative, cfg_scale=cfg_scale,
-                                        interval=interval, grid="uniform", rtol=float(ec.reference_rtol),
-                                        atol=float(ec.reference_atol))  # fmt: skip
-            else:
-                out_ = solve_text_batch(backbone, sidenet, p.solver, p.nfe, noise, cond, negative, cfg_scale=cfg_scale,
-                                        interval=interval, grid=grid, shift=shift, mu=mu)  # fmt: skip
+            solved = _solve_point(models, cfg, res.point, noise, cond, negative)
             sync(device)
             res.seconds += time.perf_counter() - began
-            res.nfe += float(out_.nfe) * len(ids)
-            res.steps += float(out_.steps) * len(ids)
-            latents = out_.x.float()
-            if p.solver == REFERENCE:
-                ref_latents = latents
-            res.latents_sq.append((latents.double() - ref_latents.double()).flatten(1).pow(2).mean(1).sqrt().cpu())
-            images = decode_latents(pipe, latents, output_type="pt").float()  # (B, 3, H, W) in [0, 1]
-            res.features.append(extractor.extract(images.to(device)).features.float().cpu())
-            if clip is not None:
-                total, count = clip_score_sum(clip, images, batch_prompts)
-                res.clip[0] += total
-                res.clip[1] += count
-            keep = max(0, int(ec.grid_images) - start)
-            if keep:
-                res.images.append(images[:keep].cpu())
+            res.nfe += float(solved.nfe) * len(ids)
+            res.steps += float(solved.steps) * len(ids)
+            latents = solved.x.float()
+            reference = latents if reference is None else reference
+            res.rmse.append((latents.double() - reference.double()).flatten(1).pow(2).mean(1).sqrt().cpu())
+            images = decode_latents(models.pipe, latents, output_type="pt").float()  # (B, 3, H, W) in [0, 1]
+            res.features.append(models.extractor.extract(images.to(device)).features.float().cpu())
+            if models.clip is not None:
+                total, count = clip_score_sum(models.clip, images, batch_prompts)
+                res.clip_sum, res.clip_count = res.clip_sum + total, res.clip_count + count
+            if start < int(ec.grid_images):
+                res.images.append(images[: int(ec.grid_images) - start].cpu())
             if bar is not None:
                 bar.update(len(ids))
     if bar is not None:
         bar.close()
     ref_stats = feature_statistics(torch.cat(results[0].features))
-    rows, grids = [], {}
-    for res in results:
-        stats = feature_statistics(torch.cat(res.features))
-        rows.append({
-            "solver": res.point.solver, "grid": res.grid, "nfe": round(res.nfe / n, 2) if res.point.solver == REFERENCE
-            else int(round(res.nfe / n)), "steps": int(round(res.steps / n)),
-            "fid": frechet_distance(stats, real) if real is not None else math.nan,
-            "clip_score": max(res.clip[0] / res.clip[1], 0.0) if res.clip[1] else math.nan,
-            "fd_ref": 0.0 if res.point.solver == REFERENCE else frechet_distance(stats, ref_stats),
-            "traj_rmse": float(torch.cat(res.latents_sq).mean()), "seconds": res.seconds / n, "n_samples": n,
-        })  # fmt: skip
-        if res.images:
-            grids[(res.point.solver, int(rows[-1]["nfe"]))] = image_grid(torch.cat(res.images))
+    rows = [res.row(n, real, ref_stats) for res in results]
+    _write(cfg, dest, rows, results)
+    return rows
+
+
+def output_folder(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
+    """``out``, else ``eval.out_dir``, else ``runs/<experiment>/nfe_sweep``."""
+    if out:
+        return Path(out)
+    return Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir(cfg) / "nfe_sweep"
+
+
+def _write(cfg: ExperimentConfig, dest: Path, rows: List[Dict[str, Any]], results: List[_Point]) -> None:
+    """``results.csv``, ``results.md``, ``config.yaml`` and one image grid per row, atomically."""
+    from bafm.eval.points import image_grid
+    from bafm.eval.report import markdown_table, rows_to_csv, save_grids
+
     dest.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest / "results.csv", rows_to_csv(rows, TEXT_COLUMNS))
     atomic_write_text(dest / "results.md", markdown_table(rows, TEXT_COLUMNS, TEXT_SPECS))
     atomic_write_text(dest / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    grids = {(res.point.solver, int(row["nfe"])): image_grid(torch.cat(res.images))
+             for res, row in zip(results, rows) if res.images}  # fmt: skip
     save_grids(grids, dest / "grids")
-    return rows
 
 
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
@@ -281,6 +328,5 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
 
     rows = text_sweep(cfg, out)
     print(markdown_table(rows, TEXT_COLUMNS, TEXT_SPECS), end="")
-    folder = Path(out) if out else (Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir(cfg) / "nfe_sweep")
-    print(f"results: {folder}")
+    print(f"results: {output_folder(cfg, out)}")
     return 0
