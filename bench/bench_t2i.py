@@ -33,7 +33,15 @@ from common import (  # noqa: E402
     time_call,
     wall_time,
 )
-from t2i_models import SIZES, TINY_SIZES, T2ISize, build_sidenet, build_transformer, inputs, parameter_count  # noqa: E402
+from t2i_models import (  # noqa: E402
+    SIZES,
+    TINY_SIZES,
+    T2ISize,
+    build_sidenet,
+    build_transformer,
+    inputs,
+    parameter_count,
+)
 
 from bafm.models.diffusers_flow import FlowTransformerBackbone  # noqa: E402
 from bafm.models.text_condition import TextCondition  # noqa: E402
@@ -55,6 +63,52 @@ def grid_options(size: T2ISize) -> Dict[str, object]:
     return {"grid": "flux", "mu": flux_mu(tokens)}
 
 
+def doubled(size: T2ISize, x: torch.Tensor, t: torch.Tensor, cond: TextCondition):
+    """The rows of one backbone call: the batch twice with SD3's CFG, once for Flux."""
+    branches = 2 if size.cfg else 1
+    cond = TextCondition(*(torch.cat([c] * branches) for c in cond))
+    return torch.cat([x] * branches), torch.cat([t] * branches), cond
+
+
+def time_components(size: T2ISize, backbone: FlowTransformerBackbone, sidenet: torch.nn.Module, x: torch.Tensor,
+                    t: torch.Tensor, cond: TextCondition, device: torch.device) -> Dict[str, object]:  # fmt: skip
+    """One backbone call against the SideNet calls of one BA step, on the same rows."""
+    xx, tt, cc = doubled(size, x, t, cond)
+    call = time_call(lambda: backbone.velocity(xx, tt, cc), device, warmup=2, repeats=5)
+    h = torch.full_like(tt, 0.1)
+    x3, t3 = torch.cat([xx] * 3), torch.cat([tt] * 3)
+    c3 = TextCondition(*(torch.cat([c] * 3) for c in cc))
+    forward_offsets = torch.cat([LOBATTO_ALPHA * h, (1 - LOBATTO_ALPHA) * h, h])
+
+    def side_step() -> None:
+        sidenet.velocity(x3, x3, t3, forward_offsets, c3)  # forward probe: 3 offsets in one call
+        sidenet.velocity(xx, xx, tt, -LOBATTO_ALPHA * h, cc)  # backward probe
+
+    side = time_call(side_step, device, warmup=2, repeats=5)
+    return {"backbone_call": call, "sidenet_per_step": side, "cfg_branches": 2 if size.cfg else 1,
+            "overhead_ratio": side["median_ms"] / call["median_ms"]}  # fmt: skip
+
+
+def time_end_to_end(size: T2ISize, backbone: FlowTransformerBackbone, sidenet: torch.nn.Module, x: torch.Tensor,
+                    cond: TextCondition, nfes: List[int], device: torch.device, deadline: Deadline,
+                    record) -> None:  # fmt: skip
+    """Whole solves on the pipeline's grid: BA-N, Euler-N and the pipelines' Euler-28."""
+    guidance = dict(negative=TextCondition(*(torch.randn_like(c) for c in cond)), cfg_scale=7.0) if size.cfg else {}
+    runs: Dict[str, object] = {}
+    for solver, nfe in [*(("ba", n) for n in nfes), *(("euler", n) for n in nfes), ("euler", PIPELINE_EULER_STEPS)]:
+        if not deadline.allows(20):
+            break
+        side_velocity = cast_side_velocity(sidenet) if solver == "ba" else None
+        velocity_fn, side_fn = build_text_sampling_fns(backbone.velocity, cond, side_velocity=side_velocity,
+                                                       **guidance)  # fmt: skip
+
+        def solve(solver=solver, nfe=nfe, velocity_fn=velocity_fn, side_fn=side_fn):
+            return integrate(velocity_fn, x.float(), solver, nfe, side_fn, **grid_options(size))
+
+        runs[f"{solver}-{nfe}"] = wall_time(solve, device, repeats=2)
+        record(runs)
+
+
 def bench_size(size: T2ISize, batches: List[int], nfes: List[int], links: int, device: torch.device,
                results: ResultFile, deadline: Deadline) -> None:  # fmt: skip
     """Every figure for one size; each batch is skipped when the budget runs out."""
@@ -64,42 +118,18 @@ def bench_size(size: T2ISize, batches: List[int], nfes: List[int], links: int, d
     randomize_zero_init_(sidenet)
     results.record(size.name, "parameters", value={"transformer": parameter_count(backbone.transformer),
                                                    "sidenet": parameter_count(sidenet)})  # fmt: skip
-    branches = 2 if size.cfg else 1
     for batch in batches:
-        if not deadline.allows(30):
-            results.record(size.name, f"b{batch}", value="skipped: budget")
-            continue
         key = f"b{batch}"
+        if not deadline.allows(30):
+            results.record(size.name, key, value="skipped: budget")
+            continue
         try:
             with torch.no_grad():
                 x, t, cond = inputs(size, batch, device, dtype)
-                negative = TextCondition(*(torch.randn_like(c) for c in cond))
-                xx, tt = torch.cat([x] * branches), torch.cat([t] * branches)
-                cc = TextCondition(*(torch.cat([c] * branches) for c in cond))
-                call = time_call(lambda: backbone.velocity(xx, tt, cc), device, warmup=2, repeats=5)
-                h = torch.full_like(tt, 0.1)
-                k3 = lambda z: torch.cat([z] * 3)  # noqa: E731
-                c3 = TextCondition(*(k3(c) for c in cc))
-
-                def side_step():
-                    sidenet.velocity(k3(xx), k3(xx), k3(tt), torch.cat([LOBATTO_ALPHA * h, (1 - LOBATTO_ALPHA) * h, h]), c3)
-                    sidenet.velocity(xx, xx, tt, -LOBATTO_ALPHA * h, cc)
-
-                side = time_call(side_step, device, warmup=2, repeats=5)
-                results.record(size.name, key, "components", value={
-                    "backbone_call": call, "sidenet_per_step": side, "cfg_branches": branches,
-                    "overhead_ratio": side["median_ms"] / call["median_ms"]})  # fmt: skip
-                kwargs = dict(negative=negative, cfg_scale=7.0) if size.cfg else {}
-                end_to_end = {}
-                for solver, nfe in [*(("ba", n) for n in nfes), *(("euler", n) for n in nfes),
-                                    ("euler", PIPELINE_EULER_STEPS)]:  # fmt: skip
-                    if not deadline.allows(20):
-                        break
-                    side_v = cast_side_velocity(sidenet) if solver == "ba" else None
-                    velocity_fn, side_fn = build_text_sampling_fns(backbone.velocity, cond, side_velocity=side_v, **kwargs)
-                    run = lambda: integrate(velocity_fn, x.float(), solver, nfe, side_fn, **grid_options(size))  # noqa: E731
-                    end_to_end[f"{solver}-{nfe}"] = wall_time(run, device, repeats=2)
-                    results.record(size.name, key, "end_to_end", value=end_to_end)
+                results.record(size.name, key, "components",
+                               value=time_components(size, backbone, sidenet, x, t, cond, device))  # fmt: skip
+                time_end_to_end(size, backbone, sidenet, x, cond, nfes, device, deadline,
+                                lambda runs: results.record(size.name, key, "end_to_end", value=runs))  # fmt: skip
             if deadline.allows(30):
                 results.record(size.name, key, "training", value=bench_training(size, backbone, batch, links, device))
         except torch.cuda.OutOfMemoryError as err:
@@ -149,7 +179,8 @@ def main(argv=None) -> int:
             results.record(name, value="skipped: budget")
             continue
         try:
-            bench_size({**SIZES, **TINY_SIZES}[name], args.batch_sizes, args.nfes, args.links, device, results, deadline)
+            size = {**SIZES, **TINY_SIZES}[name]
+            bench_size(size, args.batch_sizes, args.nfes, args.links, device, results, deadline)
         except Exception as err:  # one size failing must not lose the other's figures
             results.error(name, err)
         free_memory(device)

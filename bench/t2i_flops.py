@@ -114,9 +114,11 @@ def main(argv=None) -> int:
     }  # fmt: skip
     atomic_write_json(args.out, payload)
     for name, r in results.items():
+        share = 100 * r["sidenet_over_backbone_flops"]
+        params = r["parameters"]
         print(f"{name}: backbone {r['backbone_tflops_per_call_per_image']:.2f} TFLOP/call, SideNet "
-              f"{r['sidenet_tflops_per_step_per_image']:.3f} TFLOP/step ({100 * r['sidenet_over_backbone_flops']:.2f} %), "
-              f"params {r['parameters']['transformer'] / 1e9:.3f} B vs {r['parameters']['sidenet'] / 1e6:.2f} M")  # fmt: skip
+              f"{r['sidenet_tflops_per_step_per_image']:.3f} TFLOP/step ({share:.2f} %), "
+              f"params {params['transformer'] / 1e9:.3f} B vs {params['sidenet'] / 1e6:.2f} M")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -74,7 +74,8 @@ class T2ISize:
 
 SIZES = {
     "sd3-medium-1024": T2ISize("sd3-medium-1024", "sd3", SD3_MEDIUM_TRANSFORMER, (16, 128, 128), 77 + 256, 4096, 2048,
-                               True, {"clip_l": ("clip", CLIP_L), "clip_g": ("clip", CLIP_G), "t5_xxl": ("t5", T5_XXL)}),
+                               True, {"clip_l": ("clip", CLIP_L), "clip_g": ("clip", CLIP_G),
+                                      "t5_xxl": ("t5", T5_XXL)}),
     "flux1-dev-1024": T2ISize("flux1-dev-1024", "flux", FLUX1_DEV_TRANSFORMER, (16, 128, 128), 512, 4096, 768, False,
                               {"clip_l": ("clip", CLIP_L), "t5_xxl": ("t5", T5_XXL)}),
 }  # fmt: skip
@@ -89,7 +90,8 @@ TINY_SIZES = {
 }  # fmt: skip
 
 
-def build_transformer(size: T2ISize, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def build_transformer(size: T2ISize, device: torch.device | str = "meta",
+                      dtype: torch.dtype = torch.bfloat16) -> nn.Module:  # fmt: skip
     """The diffusers transformer of ``size`` (random weights; none at all on ``meta``)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
