@@ -147,7 +147,7 @@ def test_fresh_run_guard_covers_the_export_and_event_files(tmp_path, capsys):
     assert main(_train(tmp_path)) == 2
     assert capsys.readouterr().err == (
         f"bafm train: run folder '{run}' already holds the outputs of an earlier run (sidenet.json, "
-        f"sidenet.safetensors, train/events.out.tfevents.{events[0].name.split('tfevents.')[1]} (+3 more)) and no "
+        f"sidenet.safetensors, train/events.out.tfevents.{events[0].name.split('tfevents.')[1]} (+2 more)) and no "
         f"checkpoint to resume from; start over with another runs_dir=/name= or after removing '{run}'\n")
     assert export.stat().st_mtime_ns == stamp and sorted((run / "train").glob("events.out.tfevents.*")) == events
 
