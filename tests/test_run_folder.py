@@ -160,3 +160,26 @@ def test_resume_with_another_sidenet_size_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"bafm train: checkpoint '{last}' was trained with sidenet.channels=8 (now 16); resume with the checkpoint's "
         "sidenet.* settings, or start a fresh run with another name=\n")
+
+
+def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from bafm.training.module import SideNetModule
+
+    original, calls = SideNetModule.training_step, []
+
+    def pressed_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # during the third step
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SideNetModule, "training_step", pressed_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(_train(tmp_path, "trainer.max_steps=5")) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    ckpts = tmp_path / "runs" / "digits" / "checkpoints"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"bafm train: interrupted; training stopped at step 2; checkpoints in {ckpts}; resume with trainer.resume=last")
+    assert (ckpts / "interrupted.ckpt").is_file() and not (tmp_path / "runs" / "digits" / LOCK_NAME).exists()

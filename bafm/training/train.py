@@ -112,20 +112,25 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         raise FileNotFoundError(missing_backbone(cfg))
     folder = run_dir(cfg)
     check_not_tracked(folder, "bafm train's run folder", "choose another runs_dir= or name=")
-    if cfg.trainer.fast_dev_run or not is_launching_process():
-        return _train(cfg)  # a debug step writes nothing; extra ranks run under rank 0's lock
+    if cfg.trainer.fast_dev_run:
+        return _train(cfg, first=False)  # a debug step writes nothing
+    if not is_launching_process():
+        # Extra ranks run under the first process's lock, which has checked the folder already
+        # (and may have started writing into it by the time they start).
+        return _train(cfg, first=False)
     with RunFolderLock(folder, "bafm train"):
-        return _train(cfg)
+        return _train(cfg, first=True)
 
 
-def _train(cfg: ExperimentConfig) -> int:
+def _train(cfg: ExperimentConfig, first: bool) -> int:
+    """The training run; ``first``: this process checks that a fresh run folder is empty."""
     from bafm.data.datamodule import LatentDataModule
     from bafm.data.digits import ensure_digits_shards
 
     ckpt_dir = training_checkpoint_dir(cfg)
     # A run resumes only when asked, and never mixes with an earlier run.
     resume = resolve_resume(cfg.trainer.resume, ckpt_dir)
-    if resume is None and not cfg.trainer.fast_dev_run:
+    if resume is None and first:
         check_fresh_run_folder(ckpt_dir, run_dir(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.source == "digits":
