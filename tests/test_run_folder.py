@@ -69,6 +69,13 @@ def test_escaping_run_names_and_committed_files_are_refused(checkout, tmp_path, 
         (["train", "runs_dir=checkpoints", "name=digits"],
          f"config error: the run folder '{models}' (runs_dir/name) lies inside checkpoints_dir '{checkout / 'checkpoints'}', "
          "which holds the committed weights; choose another runs_dir."),
+        (["backbone", "runs_dir=checkpoints", "name=digits"],
+         f"config error: the run folder '{models}' (runs_dir/name) lies inside checkpoints_dir '{checkout / 'checkpoints'}', "
+         "which holds the committed weights; choose another runs_dir."),
+        (["backbone", "--out", "checkpoints/digits", "backbone_train.steps=1", "backbone_train.classifier_steps=1",
+          f"backbone_train.out={tmp_path / 'backbone.safetensors'}"],
+         f"bafm backbone's classifier file '{models / 'classifier.safetensors'}' would overwrite files committed to git "
+         f"('{models / 'classifier.safetensors'}'); pass the file itself with --out to replace it"),
         (["train", "runs_dir=weights", "name=digits"],
          f"bafm train's run folder '{checkout / 'weights' / 'digits'}' would overwrite files committed to git "
          f"('{checkout / 'weights/digits/sidenet.grids.json'}', '{checkout / 'weights/digits/sidenet.json'}', "

@@ -150,7 +150,7 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
 
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     """CLI entry: backbone, then the classifier that serves as this experiment's feature extractor."""
-    from bafm.training.classifier_train import run as run_classifier
+    from bafm.training.classifier_train import classifier_destination, run as run_classifier
 
     if cfg.data.source != "digits":
         raise ConfigError(
@@ -159,6 +159,7 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         )
     # Logs and snapshots go to the run folder; the weights to the files named in backbone_train.*.
     check_not_tracked(run_dir(cfg) / "backbone", "bafm backbone's log folder", "choose another runs_dir= or name=")
+    classifier_destination(cfg, out)  # checked now, not after the backbone's training
     summary = train_backbone(cfg)
     Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
     print(json.dumps(summary, indent=2))
