@@ -15,7 +15,7 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
     "data": ("bafm.data.prepare", "run", "write latent WebDataset shards",
              "finished shards are kept; run it again to write the rest"),
     "backbone": ("bafm.training.backbone_train", "run", "train the embedded default's backbone and classifier",
-                 "no weights written"),
+                 "weights finished before the interrupt are complete; the others are unchanged"),
     "train": ("bafm.training.train", "run", "train the SideNet beside the frozen backbone",
               "checkpoints written so far are kept; resume with trainer.resume=last"),
     "eval-nfe-sweep": ("bafm.eval.sweep", "run", "FID/IS/trajectory error per solver and NFE budget",
