@@ -116,7 +116,7 @@ def sweep(
                                 num_samples=int(ec.num_samples),
                                 device=device, progress=progress, sample_sink=sink)
         if staging is not None:
-            write_reports(result.rows, result.grids, staging, title=f"{cfg.name}: FID vs NFE")
+            write_reports(result.rows, result.grids, staging, title=cfg.name)
             atomic_write_text(staging / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
             _log_tensorboard(staging / "tensorboard", result)
             replace_folder(staging, dest)
