@@ -91,3 +91,16 @@ def test_bafm_sample_offline_hub_id_is_one_line(sd3_folder, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert "owner/not-downloaded: cannot load a StableDiffusion3Pipeline (offline or not downloaded" in err
     assert len(err.splitlines()) == 1
+
+
+def test_hub_ids_stay_hub_ids_and_folders_resolve(tmp_path, monkeypatch):
+    from bafm.config import load_config
+
+    exp = load_config("experiments/sd3_medium.yaml")
+    assert exp.backbone.path == "stabilityai/stable-diffusion-3-medium-diffusers"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "pipe").mkdir(parents=True)  # a relative folder of the same shape is a path
+    cfg = load_config(None, ["backbone.source=sd3", "backbone.path=local/pipe"])
+    assert cfg.backbone.path == str(tmp_path / "local" / "pipe")
+    sit = load_config(None, ["backbone.path=owner/name"])  # not a diffusers backbone: a path as before
+    assert sit.backbone.path == str(tmp_path / "owner" / "name")
