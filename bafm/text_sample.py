@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from bafm.config import ConfigError, run_dir, sidenet_choice
-from bafm.io import atomic_write_bytes, atomic_write_json, check_output_folder
+from bafm.io import atomic_write_bytes, atomic_write_json, check_not_tracked, check_output_folder
 from bafm.models.checkpoint_io import CheckpointError
 from bafm.schema import ExperimentConfig
 
@@ -82,6 +82,8 @@ def run(cfg: ExperimentConfig, out: Optional[str]) -> int:
     if sc.solver not in SOLVERS:
         raise ConfigError(f"'sample.solver' is '{sc.solver}', not a registered solver")
     folder = check_output_folder(out or run_dir(cfg) / "samples")
+    names = {f"{int(sc.seed) + i:06d}.png" for i in range(int(sc.num_images))} | {"samples.json"}
+    check_not_tracked(folder, "bafm sample's output folder", "pass another --out", writes=lambda p: p.name in names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sidenet = None
     if uses_side_fn(sc.solver):

@@ -104,3 +104,17 @@ def test_hub_ids_stay_hub_ids_and_folders_resolve(tmp_path, monkeypatch):
     assert cfg.backbone.path == str(tmp_path / "local" / "pipe")
     sit = load_config(None, ["backbone.path=owner/name"])  # not a diffusers backbone: a path as before
     assert sit.backbone.path == str(tmp_path / "owner" / "name")
+
+
+def test_bafm_sample_never_overwrites_committed_files(sd3_folder, tmp_path, capsys):
+    import subprocess
+
+    folder, sidenet = sd3_folder
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "000000.png").write_bytes(b"committed")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "000000.png"], check=True)
+    assert main(_args(folder, sidenet, repo, "prompt=x")) == 2
+    assert "would overwrite files committed to git" in capsys.readouterr().err
+    assert (repo / "000000.png").read_bytes() == b"committed"
