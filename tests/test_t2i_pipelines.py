@@ -112,3 +112,15 @@ def test_ba_adaptive_with_cfg_runs_through_the_text_closures():
     result = ba_sample_latents(pipe, _sidenet(pipe, 4), PROMPTS, nfe=None, solver="ba-adaptive", guidance_scale=4.0,
                                height=16, width=16, seed=1)  # fmt: skip
     assert result.x.shape == (2, 4, 16, 16) and bool(torch.isfinite(result.x).all()) and result.nfe >= 2
+
+
+def test_flux_schnell_static_schedule_matches_the_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = _quiet(flux_pipeline_with_text())
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # FLUX.1-schnell's: no dynamic shift
+    noise = sample_noise(range(1), (1, 16, 16), seed=7)
+    expected = pipe(prompt="a cat", latents=pack_latents(noise), num_inference_steps=4, height=16, width=16,
+                    output_type="latent").images  # fmt: skip
+    got = ba_generate(pipe, None, "a cat", nfe=4, solver="euler", height=16, width=16, seed=7, output_type="latent")
+    torch.testing.assert_close(pack_latents(got), expected, rtol=1e-5, atol=1e-5)
