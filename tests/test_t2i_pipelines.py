@@ -124,3 +124,20 @@ def test_flux_schnell_static_schedule_matches_the_pipeline():
                     output_type="latent").images  # fmt: skip
     got = ba_generate(pipe, None, "a cat", nfe=4, solver="euler", height=16, width=16, seed=7, output_type="latent")
     torch.testing.assert_close(pack_latents(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_readme_plug_in_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### In your own pipeline", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    pipe = _quiet(sd3_pipeline_with_text())
+    export = tmp_path / "runs" / "sd3_medium" / "sidenet.safetensors"
+    export.parent.mkdir(parents=True)
+    save_text_sidenet(_sidenet(pipe, 4), export)
+    monkeypatch.chdir(tmp_path)  # the snippet's relative SideNet path
+    scope = {"pipe": pipe}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["images"]) == 1 and isinstance(scope["images"][0], Image.Image)
