@@ -36,7 +36,8 @@ PATH_KEYS = (
     "runs_dir", "checkpoints_dir", "data.root", "data.image_dir", "data.list_file", "data.vae_path",
     "backbone.path", "sidenet.path", "sampling.grid_file", "eval.classifier_path", "eval.inception_weights",
     "eval.reference_stats", "eval.out_dir", "backbone_train.out", "backbone_train.classifier_out",
-    "edit.image_dir", "edit.out_dir", "trainer.resume",
+    "edit.image_dir", "edit.out_dir", "trainer.resume", "data.captions_file", "eval.captions_file",
+    "eval.reference_images", "eval.clip_model",
 )
 # trainer.resume also takes this word instead of a path.
 _NOT_PATHS = {"trainer.resume": ("last",)}
@@ -98,9 +99,10 @@ def _absolute(value: str, base: Path) -> str:
 
 
 def _is_hub_id(cfg: DictConfig, key: str, value: str, base: Path) -> bool:
-    """An SD3/Flux ``backbone.path`` of the form ``owner/name`` with no such folder under ``base``:
-    a Hugging Face hub id, which stays as written."""
-    if key != "backbone.path" or OmegaConf.select(cfg, "backbone.source", default=None) not in ("sd3", "flux"):
+    """An SD3/Flux ``backbone.path`` or an ``eval.clip_model`` of the form ``owner/name`` with no such
+    folder under ``base``: a Hugging Face hub id, which stays as written."""
+    text_backbone = key == "backbone.path" and OmegaConf.select(cfg, "backbone.source", default=None) in ("sd3", "flux")
+    if not (text_backbone or key == "eval.clip_model"):
         return False
     return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not (base / value).exists()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from t2i_text_factories import flux_pipeline_with_text, save_pipeline, sd3_pipeline_with_text, write_caption_pairs
 
+from bafm.cli import main
 from bafm.config import load_config
 from bafm.data.captions import list_caption_pairs
 from bafm.data.datamodule import LatentDataModule
@@ -118,11 +119,11 @@ def test_caption_lists(tmp_path):
 
 def test_missing_pipeline_is_one_line(tmp_path, capsys):
     images = write_caption_pairs(tmp_path / "pairs", ["one"], size=4)
-    cfg = load_config(None, ["backbone.source=sd3", f"backbone.path={tmp_path / 'nothing'}", "data.source=captions",
-                             f"data.image_dir={images}", f"data.root={tmp_path}"])  # fmt: skip
-    assert run_data(cfg) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot load the sd3 pipeline" in err[0] and "nothing" in err[0]
+    args = ["data", "backbone.source=sd3", f"backbone.path={tmp_path / 'nothing'}", "data.source=captions",
+            f"data.image_dir={images}", f"data.root={tmp_path}"]  # fmt: skip
+    assert main(args) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bafm")]
+    assert len(ours) == 1 and "cannot load the sd3 pipeline" in ours[0] and "nothing" in ours[0]
 
 
 def test_bytes_per_sample_from_shapes():

@@ -111,3 +111,15 @@ def test_offline_clip_model_is_one_line(sweep_inputs, monkeypatch, capsys):
     assert main(["eval-nfe-sweep", "--config", EXPERIMENTS["sd3"], *args]) == 2
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bafm")]
     assert len(ours) == 1 and "eval.clip_model 'openai/clip-vit-large-patch14': cannot load CLIP" in ours[0]
+
+
+def test_text_paths_resolve_against_the_checkout_and_hub_ids_stay(repo_root, tmp_path, monkeypatch):
+    from bafm.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # any working folder gives the same paths
+    cfg = load_config(repo_root / "experiments" / "sd3_medium.yaml")
+    assert cfg.eval.captions_file == str(repo_root / "data" / "coco2014_val_captions.jsonl")
+    assert cfg.eval.clip_model == "openai/clip-vit-large-patch14"
+    assert cfg.backbone.path == "stabilityai/stable-diffusion-3-medium-diffusers"
+    cfg = load_config(repo_root / "experiments" / "sd3_medium.yaml", ["eval.clip_model=clip", "data.captions_file=c.csv"])
+    assert (cfg.eval.clip_model, cfg.data.captions_file) == (str(tmp_path / "clip"), str(tmp_path / "c.csv"))
