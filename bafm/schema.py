@@ -68,6 +68,10 @@ class SideNetConfig:
     emb_dim: int = 256
     depth: int = 4
     num_heads: int = 4
+    # Start training from these SideNet weights (a bafm export): a fine-tuning stage. Weights the
+    # export lacks (the feature maps of a feature SideNet started from a feature-free one) keep
+    # their zero initialisation. Empty: train from scratch.
+    init_from: str = ""
     # Beyond the paper: read the backbone's hidden tokens at each anchor (no extra NFE; see
     # bafm.models.anchor_features). False is the release architecture.
     backbone_features: bool = False
@@ -88,6 +92,10 @@ class LossConfig:
     offset_rate: float = 50.0  # rate of the truncated exponential for |h|
     p_backward: float = 0.5  # probability of a negative (toward noise) offset
     label_dropout: float = 0.1  # CFG null-class probability
+    # Grid-aware fine-tuning (bafm.training.grid_loss): the last grid_steps steps train on the four
+    # probes of BA steps on uniform grids of grid_budgets steps (0: the chain loss throughout).
+    grid_steps: int = 0
+    grid_budgets: List[int] = field(default_factory=lambda: [3, 4, 5, 6, 8, 10])
 
 
 @dataclass

@@ -229,3 +229,14 @@ def test_edit_runs_on_optimized_grids_from_the_grid_file(repo_root, tiny, tmp_pa
     err = capsys.readouterr().err
     assert f"'{grid_file}' has no grid for solver 'ba' at 2 NFE" in err and "done in" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_sidenet_solver_edits_with_guidance(repo_root, tiny, tmp_path):
+    side_solvers = ["ba", "ba-single", "ba-adaptive"]
+    args = _args(repo_root, tiny, tmp_path, "edit.cfg_scale=1.5", "edit.indices=[0,1]",
+                 f"edit.solvers=[{','.join(side_solvers)}]", "edit.budgets={ba: [2], ba-single: [2]}",
+                 "eval.tolerances={ba-adaptive: [0.05]}")
+    assert main(args) == 0
+    rows = _read(tmp_path / "out" / "edit_results.csv")
+    assert [r["solver"] for r in rows] == side_solvers
+    assert all(math.isfinite(float(r["recon_psnr"])) for r in rows)

@@ -98,3 +98,13 @@ def test_cli_inception_sweep_reports_sfid(repo_root, tiny, tmp_path):
     assert [r["solver"] for r in rows] == ["reference", "euler"]
     for r in rows:
         assert r["sfid"] > 0.0 and r["fid"] > 0.0 and _is_fraction(r["precision"], 6) and _is_fraction(r["recall"], 8)
+
+
+def test_every_sidenet_solver_sweeps_with_guidance(repo_root, tiny, tmp_path):
+    side = ["ba", "ba-single", "ba-adaptive"]
+    args = [a for a in _args(repo_root, tiny, tmp_path) if not a.startswith(("eval.solvers", "eval.budgets"))]
+    assert main([*args, "sampling.cfg_scale=1.5", f"eval.solvers=[{','.join(side)}]",
+                 "eval.budgets={ba: [3], ba-single: [3]}", "eval.tolerances={ba-adaptive: [0.05]}"]) == 0
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert [r["solver"] for r in rows] == ["reference", *side]
+    assert all(r["traj_rmse"] > 0 and r["fd_ref"] > 0 for r in rows[1:])

@@ -157,3 +157,37 @@ def test_feature_sidenet_trains_validates_and_lays_out_its_dashboard(tmp_path):
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["FD to the reference samples at 4 NFE"] == [r"^sweep/fd_ref/.*_nfe4$"]
     assert "FID at 4 NFE" in charts
+
+
+def test_grid_aware_fine_tuning_from_an_export(tmp_path):
+    first = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=2", "name=base"]
+    assert main(first) == 0
+    export = tmp_path / "runs" / "base" / "sidenet.safetensors"
+    # A feature SideNet fine-tuned from the feature-free export, the grid-aware loss for both steps.
+    second = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=2", "name=tuned",
+              f"sidenet.init_from={export}", "sidenet.backbone_features=true", "loss.grid_steps=2",
+              "loss.grid_budgets=[2,3]"]
+    assert main(second) == 0
+    acc = _events(tmp_path / "runs" / "tuned")
+    assert [e.step for e in acc.Scalars("train/loss")][-1] >= 0
+    # Its first-step loss is the grid loss of the exported SideNet, not of an identity one.
+    assert acc.Scalars("train/loss")[0].value < acc.Scalars("train/mse_identity")[0].value
+
+
+def test_init_from_copies_weights_and_refuses_other_sizes(tmp_path):
+    import torch
+
+    from bafm.models.loading import save_sidenet
+    from bafm.models.sidenet import SideNet
+    from bafm.training.train import init_sidenet_from
+
+    source = SideNet(in_channels=1, channels=8, emb_dim=16, depth=2, num_heads=1, num_classes=10)
+    torch.nn.init.normal_(source.output_conv.weight)
+    save_sidenet(source, tmp_path / "s.safetensors")
+    target = SideNet(in_channels=1, channels=8, emb_dim=16, depth=2, num_heads=1, num_classes=10, feature_dim=32)
+    init_sidenet_from(target, tmp_path / "s.safetensors")
+    torch.testing.assert_close(target.output_conv.weight, source.output_conv.weight)
+    assert float(target.feature_map.weight.abs().sum()) == 0.0  # kept zero: starts as the source network
+    wider = SideNet(in_channels=1, channels=16, emb_dim=16, depth=2, num_heads=1, num_classes=10)
+    with pytest.raises(ValueError, match="do not fit sidenet"):
+        init_sidenet_from(wider, tmp_path / "s.safetensors")

@@ -34,28 +34,6 @@ def select_rows(side_fn: Any, keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)
 
 
-def stack_rows(k: int, *tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
-    """``k`` copies of each batch-first tensor stacked along dim 0 (None stays None).
-
-    How one SideNet call serves ``k`` offsets from the same anchor: row ``j * B + i`` is sample
-    ``i`` for offset ``j``, so the result splits back with ``out.split(B)``.
-    """
-    return [None if x is None else (x if k == 1 else torch.cat([x] * k)) for x in tensors]
-
-
-def select_rows(side_fn: Any, keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample choice between two velocities: ``a`` where ``keep`` (``(B,)`` bool), else ``b``.
-
-    A SideNet closure that keeps what each backbone call left for it (the guided raw pair, the
-    backbone's features) selects those rows too, through its ``select`` method; a plain closure
-    needs only the velocities.
-    """
-    own = getattr(getattr(side_fn, "fn", side_fn), "select", None)
-    if own is not None:
-        return own(keep, a, b)
-    return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)
-
-
 def probe(
     side_fn: Callable[..., Tensor], x: Tensor, v: Tensor, t: Tensor, offsets: Sequence[Tensor]
 ) -> List[Tensor]:

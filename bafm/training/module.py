@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bafm.models.anchor_features import anchor_for, uses_backbone_features
+from bafm.models.anchor_features import anchor_for, plain_anchor, uses_backbone_features
 from bafm.models.layers import count_parameters, drop_labels
 from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
+from bafm.training.grid_loss import grid_chain_loss
 from bafm.training.side_error import ProbeSet, build_probe_set, side_relative_error, summarize
 
 BACKBONE_PREFIX = "backbone."
@@ -42,6 +43,9 @@ class SideNetModule(L.LightningModule):
         seed: run seed; each step's randomness is derived from (seed, step, rank).
         side_error_samples: held-out noises for ``val/side_rel_err`` (0: not measured).
         side_error_budgets: NFE budgets whose uniform grids' SideNet offsets it measures.
+        grid_from_step: from this step on, the grid-aware loss (``bafm.training.grid_loss``)
+            replaces the chain loss; None: never.
+        grid_budgets: the uniform grids' step counts the grid-aware loss trains for.
         hparams: the experiment config as a plain dict, logged and stored with checkpoints.
     """
 
@@ -61,6 +65,8 @@ class SideNetModule(L.LightningModule):
         seed: int = 0,
         side_error_samples: int = 0,
         side_error_budgets: Sequence[int] = (5, 10),
+        grid_from_step: Optional[int] = None,
+        grid_budgets: Sequence[int] = (3, 4, 5, 6, 8, 10),
         hparams: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
@@ -81,6 +87,8 @@ class SideNetModule(L.LightningModule):
         self.seed = seed
         self.side_error_samples = int(side_error_samples)
         self.side_error_budgets = tuple(int(b) for b in side_error_budgets)
+        self.grid_from_step = grid_from_step
+        self.grid_budgets = tuple(int(b) for b in grid_budgets)
         self._probes: Optional[ProbeSet] = None  # exact-ODE anchors, built at the first validation
         self.save_hyperparameters(hparams or {})
         # Read by ThroughputMonitor; FLOPs are not counted, it logs batches and images per second.
@@ -120,8 +128,13 @@ class SideNetModule(L.LightningModule):
         x0, y = batch["latent"], batch["cls"]
         generator = self._generator()
         y = drop_labels(y, self.label_dropout, self.num_classes, generator)
-        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator,
-                                 anchor=self.anchor)
+        if self.grid_from_step is not None and self.global_step >= self.grid_from_step:
+            anchor = self.anchor or plain_anchor(self.backbone.velocity)
+            loss, stats = grid_chain_loss(anchor, self.sidenet.velocity, x0, y, self.grid_budgets, self.loss_cfg.links,
+                                          generator)
+        else:
+            loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator,
+                                     anchor=self.anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite SideNet loss ({loss.item()}) at step {self.global_step}; training stopped. "

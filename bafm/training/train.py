@@ -85,6 +85,32 @@ def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int, fea
     return sidenet.to(memory_format=torch.channels_last) if sc.channels_last else sidenet
 
 
+FEATURE_KEYS = ("feature_map.", "feature_emb.")
+
+
+def init_sidenet_from(sidenet: SideNet, path: Path) -> None:
+    """Copy an exported SideNet's weights into ``sidenet`` (``sidenet.init_from``).
+
+    Raises:
+        ValueError: the export's tensors do not fit (other sizes), or it lacks weights other
+            than the feature maps a feature-free export cannot have.
+    """
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"sidenet.init_from: no SideNet export at {path.resolve()}")
+    state = load_file(str(path))
+    own = sidenet.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(FEATURE_KEYS)]
+    unknown = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unknown or wrong:
+        raise ValueError(
+            f"sidenet.init_from={path}: its weights do not fit sidenet.* (missing {missing[:3]}, unexpected "
+            f"{unknown[:3]}, other shapes {wrong[:3]}); use the sizes it was trained with")
+    sidenet.load_state_dict(state, strict=False)
+
+
 def check_shapes(backbone: torch.nn.Module, data_shape: tuple, num_classes: int, what: str) -> None:
     """Fail before the first step if the backbone cannot take the data's latents.
 
@@ -155,6 +181,8 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
     check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
     features = feature_width(backbone, cfg.sidenet.feature_layer) if cfg.sidenet.backbone_features else 0
     sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes, features)
+    if cfg.sidenet.init_from:
+        init_sidenet_from(sidenet, Path(cfg.sidenet.init_from))
     lc = cfg.loss
     module = SideNetModule(
         backbone, sidenet, num_classes=backbone.num_classes,
@@ -162,6 +190,8 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
         label_dropout=lc.label_dropout, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
         seed=cfg.seed, side_error_samples=cfg.trainer.side_error_samples,
+        grid_from_step=cfg.trainer.max_steps - lc.grid_steps if lc.grid_steps > 0 else None,
+        grid_budgets=tuple(lc.grid_budgets),
         side_error_budgets=tuple(cfg.eval.callback_budgets), hparams=to_container(cfg),
     )
     if resume is not None:
