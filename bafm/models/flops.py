@@ -30,10 +30,16 @@ from bafm.solvers.counting import NetworkRows
 PROBE_ROWS = 2
 
 
+def _attention_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any,
+                     out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of fused attention from the shapes of ``q, k, v`` (``(B, heads, S, d)``), as for CUDA."""
+    return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
 def _extra_formulas() -> Dict[Any, Callable[..., int]]:
     """Flop formulas PyTorch's table lacks: the CPU kernel of fused attention."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {} if op is None else {op: flop_counter.sdpa_flop}
+    return {} if op is None else {op: _attention_flops}
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
