@@ -15,8 +15,8 @@ batch: what it does with them is part of its FLOPs; reading them (a forward hook
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,11 +42,17 @@ def _extra_formulas() -> Dict[Any, Callable[..., int]]:
     return {} if op is None else {op: _attention_flops}
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn()`` (matrix products, convolutions, attention), as PyTorch counts them."""
+def count_flops_by_op(fn: Callable[[], Any]) -> Dict[str, int]:
+    """FLOPs of one call of ``fn()`` per operator (``"convolution"``, ``"addmm"``, attention, ...)."""
     with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as mode:
         fn()
-    return int(mode.get_total_flops())
+    return {str(getattr(op, "__name__", op)).split(".")[0]: int(n)
+            for op, n in mode.get_flop_counts().get("Global", {}).items()}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn()`` (matrix products, convolutions, attention), as PyTorch counts them."""
+    return sum(count_flops_by_op(fn).values())
 
 
 def eager_model(model: nn.Module) -> nn.Module:
@@ -75,10 +81,14 @@ class NetworkFlops:
     Attributes:
         backbone: FLOPs of one backbone forward on one sample.
         sidenet: FLOPs of one SideNet evaluation on one row (None without a SideNet).
+        backbone_by_op: ``backbone`` split by operator (informative; not compared).
+        sidenet_by_op: ``sidenet`` split by operator (informative; not compared).
     """
 
     backbone: float
     sidenet: Optional[float] = None
+    backbone_by_op: Mapping[str, float] = field(default_factory=dict, compare=False)
+    sidenet_by_op: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def side_ratio(self) -> float:
@@ -139,15 +149,17 @@ def measure_flops(
     def run_backbone() -> None:
         out["v"], out["features"] = anchor(x, t, y)
 
-    backbone_flops = count_flops(run_backbone) / rows
-    side_flops = None
+    backbone_ops = {op: n / rows for op, n in count_flops_by_op(run_backbone).items()}
+    side_ops: Dict[str, float] = {}
     if side is not None:
         sx = x.to(device=_param_device(side, dev), dtype=_param_dtype(side))
         sv = out["v"].to(sx)
         h = torch.full((rows,), 0.1, device=sx.device, dtype=torch.float32)
         extra = (out["features"].to(sx),) if uses_backbone_features(side) else ()
-        side_flops = count_flops(lambda: side.velocity(sx, sv, t.to(sx.device), h, y.to(sx.device), *extra)) / rows
-    return NetworkFlops(backbone=backbone_flops, sidenet=side_flops)
+        counts = count_flops_by_op(lambda: side.velocity(sx, sv, t.to(sx.device), h, y.to(sx.device), *extra))
+        side_ops = {op: n / rows for op, n in counts.items()}
+    return NetworkFlops(backbone=sum(backbone_ops.values()), sidenet=sum(side_ops.values()) if side is not None else None,
+                        backbone_by_op=backbone_ops, sidenet_by_op=side_ops)
 
 
 def describe(flops: NetworkFlops, side_evaluations_per_step: int = 4) -> Dict[str, float]:
