@@ -19,7 +19,7 @@ from torch import nn
 from bafm.eval.engine import evaluate_sweep
 from bafm.eval.features import FeatureExtractor
 from bafm.eval.plan import SweepSettings
-from bafm.eval.report import plot_metric_vs_nfe
+from bafm.eval.report import plot_metric_vs_nfe, read_csv, sweep_layout, write_reports
 from bafm.models.fast import optimize_for_inference
 from bafm.models.flops import NetworkFlops, count_flops, describe, measure_flops
 from bafm.models.sidenet import SideNet
@@ -155,3 +155,14 @@ def test_flops_plot_is_written_and_skips_missing_costs(tmp_path):
             {"solver": "ba", "nfe": 8, "flops": math.nan, "traj_rmse": 0.01}]
     path = plot_metric_vs_nfe(rows, tmp_path / "traj_rmse_vs_flops.png", "traj_rmse", "RMSE", x="flops")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_column_in_csv_markdown_and_dashboard(tmp_path):
+    rows = list(_rows(["euler", "ba"], {"euler": [3], "ba": [3]}, include_reference=False).values())
+    paths = write_reports(rows, {}, tmp_path, title="toy")
+    back = read_csv(paths["csv"])
+    assert [b["flops"] for b in back] == pytest.approx([3.0, 3 + 11 * RATIO], rel=1e-7)
+    assert "| nfe | flops | steps |" in paths["md"].read_text()
+    assert (tmp_path / "traj_rmse_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (charts,) = sweep_layout(rows).values()
+    assert charts["FLOPs per sample (backbone calls) vs NFE"] == ["Multiline", [r"^nfe_sweep/flops/"]]
