@@ -120,7 +120,9 @@ def network_flops_for(backbone: nn.Module, sidenet: Optional[nn.Module], shape: 
     Keyed by the models' identities and the SideNet's configuration (its weights may change
     between sweeps during training; its FLOPs do not).
     """
-    side_key = None if sidenet is None else (id(sidenet), type(sidenet).__name__, repr(getattr(sidenet, "config", None)))
+    side_key = None
+    if sidenet is not None:
+        side_key = (id(sidenet), type(sidenet).__name__, repr(getattr(sidenet, "config", None)))
     key = (id(backbone), side_key, tuple(shape))
     if key not in cache.network_flops:
         cache.network_flops[key] = measure_flops(backbone, sidenet, shape, device)
@@ -266,8 +268,8 @@ def reduce_point(
     # Tolerance rows report their measured mean NFE per sample; the others an integer.
     nfe = round(nfe_sum / n, 2) if point.tol is not None else int(round(nfe_sum / n))
     row: Row = {"solver": point.solver, "grid": ctx.grid_name(point.solver), "tol": point.tol, "nfe": nfe,
-                "flops": flops_sum / n, "steps": int(round(steps_sum / n)), "fid": math.nan, "fd_ref": math.nan, "sfid": math.nan,
-                "is": math.nan, "precision": math.nan, "recall": math.nan, "traj_rmse": math.nan,
+                "flops": flops_sum / n, "steps": int(round(steps_sum / n)), "fid": math.nan, "fd_ref": math.nan,
+                "sfid": math.nan, "is": math.nan, "precision": math.nan, "recall": math.nan, "traj_rmse": math.nan,
                 "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:
         return row, None, None

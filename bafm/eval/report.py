@@ -49,8 +49,8 @@ def read_csv(path: str | Path) -> List[Dict[str, Any]]:
 
 
 METRIC_COLUMNS = ("flops", "fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse", "seconds")
-SWEEP_SPECS = {"flops": ".4g", "fid": ".3f", "fd_ref": ".4g", "sfid": ".3f", "is": ".3f", "precision": ".3f", "recall": ".3f", "traj_rmse": ".4g",
-               "seconds": ".4g"}
+SWEEP_SPECS = {"flops": ".4g", "fid": ".3f", "fd_ref": ".4g", "sfid": ".3f", "is": ".3f", "precision": ".3f",
+               "recall": ".3f", "traj_rmse": ".4g", "seconds": ".4g"}
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS,

@@ -158,7 +158,8 @@ def measure_flops(
         extra = (out["features"].to(sx),) if uses_backbone_features(side) else ()
         counts = count_flops_by_op(lambda: side.velocity(sx, sv, t.to(sx.device), h, y.to(sx.device), *extra))
         side_ops = {op: n / rows for op, n in counts.items()}
-    return NetworkFlops(backbone=sum(backbone_ops.values()), sidenet=sum(side_ops.values()) if side is not None else None,
+    return NetworkFlops(backbone=sum(backbone_ops.values()),
+                        sidenet=sum(side_ops.values()) if side is not None else None,
                         backbone_by_op=backbone_ops, sidenet_by_op=side_ops)
 
 
