@@ -74,7 +74,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="more SideNet exports (.safetensors beside their .json) to measure")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sidenet_flops.json")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     cfg = load_config(ROOT / "experiments" / "digits.yaml")
     backbone = load_backbone(ROOT / cfg.backbone.path, arch=cfg.backbone.arch, depth=cfg.backbone.depth,
                              hidden_size=cfg.backbone.hidden_size, num_heads=cfg.backbone.num_heads)
