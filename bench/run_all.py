@@ -4,8 +4,8 @@ and the FLOPs of the embedded default's backbone and SideNet.
 On a CUDA machine: SiT-XL/2 at paper scale (batch 16/64/256 with CFG), results in
 ``bench/results/{sampling,training}_gpu.json``. On a CPU-only machine: the same harness at tiny
 sizes (``*_cpu_tiny.json``), which proves the scripts but says nothing about GPU speed. The CPU
-data-loader benchmark and the FLOP count (``sidenet_flops.json``: counted, the same on any
-device) run on both. Each benchmark runs in its own process,
+data-loader benchmark and the FLOP count (``sidenet_flops.json``: counts, not timings) run on
+both. Each benchmark runs in its own process,
 so one failing does not stop the others; the exit status is non-zero if any failed.
 
     python bench/run_all.py [--quick] [--only sampling training loader flops] [--out-dir DIR]
