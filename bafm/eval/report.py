@@ -113,6 +113,7 @@ def plot_metric_vs_nfe(rows: Sequence[Row], path: str | Path, metric: str, label
     ax.set_xscale("log")
     ax.set_yscale("log")  # values span decades (a diverging low-NFE solver next to converged ones)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 6, 20 rather than 6x10^0
     ax.set_xlabel(X_AXES[x])
     ax.set_ylabel(label)
     if title:
