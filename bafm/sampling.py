@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from bafm.models.anchor_features import AnchorFn, anchor_for, uses_backbone_features
 from bafm.models.guidance import DEFAULT_GUIDANCE_INTERVAL, BackboneVelocity, SideVelocity, build_sampling_fns
 from bafm.solvers import SOLVERS, SideFn, SolveResult, VelocityFn, get_solver
+from bafm.solvers.counting import NetworkRows
 from bafm.solvers.grids import make_grid, nfe_for_steps, steps_for_nfe, uniform_grid
 
 REFERENCE = "reference"
@@ -334,6 +335,7 @@ def solve_batch(
     labels: Tensor,
     sampling: SamplingSettings,
     t_grid: Optional[Tensor] = None,
+    work: Optional[NetworkRows] = None,
     **solver_opts: Any,
 ) -> SolveResult:
     """Integrate one batch from noise (``t = 1``) to data (``t = 0``) in ``steps`` intervals.
@@ -347,17 +349,24 @@ def solve_batch(
         labels: ``(B,)`` int64 class labels.
         sampling: grid and guidance.
         t_grid: an explicit grid (e.g. an optimized one) instead of ``time_grid(...)``.
+        work: when given, the rows that pass through the backbone and the SideNet are added to it
+            (a guided call counts its doubled batch).
         **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
 
     Returns:
         The solver's ``SolveResult`` (``x``: ``(B, C, H, W)`` latents at ``t = 0``).
     """
+    backbone_velocity = backbone.velocity
+    side_velocity = sidenet.velocity if sidenet is not None else None
+    anchor = anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None
+    if work is not None:
+        backbone_velocity = work.backbone_fn(backbone_velocity)
+        side_velocity = work.sidenet_fn(side_velocity) if side_velocity is not None else None
+        anchor = work.backbone_fn(anchor) if anchor is not None else None
     velocity_fn, side_fn = sampling_fns(
-        solver, backbone.velocity, labels, null_class=int(backbone.num_classes),
-        side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=float(sampling.cfg_scale),
-        interval=sampling.guidance_interval,
-        anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None,
-    )  # fmt: skip
+        solver, backbone_velocity, labels, null_class=int(backbone.num_classes), side_velocity=side_velocity,
+        cfg_scale=float(sampling.cfg_scale), interval=sampling.guidance_interval, anchor=anchor,
+    )
     if t_grid is None:
         t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device)
     return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
@@ -373,6 +382,7 @@ def reference_solve(
     steps: int = 0,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    work: Optional[NetworkRows] = None,
 ) -> SolveResult:
     """The ground truth that ``traj_rmse`` is measured against, for one batch.
 
@@ -386,6 +396,7 @@ def reference_solve(
         steps: RK4 steps (ignored by dopri5).
         rtol: dopri5's relative tolerance (None: the solver's default).
         atol: dopri5's absolute tolerance (None: as ``rtol``).
+        work: counts the backbone rows (see ``solve_batch``).
 
     Returns:
         The ``SolveResult``; ``nfe`` as counted.
@@ -396,12 +407,12 @@ def reference_solve(
     if solver not in REFERENCE_SOLVERS:
         raise ValueError(f"reference solver is '{solver}', expected one of: {', '.join(REFERENCE_SOLVERS)}.")
     if solver == "dopri5":
-        return solve_batch(backbone, None, REFERENCE, 0, noise, labels, sampling, rtol=rtol, atol=atol)
+        return solve_batch(backbone, None, REFERENCE, 0, noise, labels, sampling, work=work, rtol=rtol, atol=atol)
     if int(steps) < 1:
         raise ValueError(f"reference solver '{solver}' needs reference_steps >= 1, got {steps}.")
     # A uniform grid: the ground truth must not depend on the sampling grid being evaluated.
     grid = uniform_grid(int(steps), dtype=torch.float64, device=noise.device)
-    return solve_batch(backbone, None, solver, int(steps), noise, labels, sampling, t_grid=grid)
+    return solve_batch(backbone, None, solver, int(steps), noise, labels, sampling, t_grid=grid, work=work)
 
 
 def describe_reference(solver: str, steps: int, rtol: float, atol: float, nfe: Optional[float] = None) -> str:

@@ -145,7 +145,8 @@ def test_reference_cache_is_reused(flow, ref_stats):
     cache = ReferenceCache()
     rows1, _ = _sweep(counting, None, ref_stats, reference_cache=cache)
     first = counting.calls
-    assert first == rows1[0]["nfe"] + 4 and len(cache.latents) == 8
+    # One more call than the NFE: the FLOP count's probe batch (measured once, kept in the cache).
+    assert first == rows1[0]["nfe"] + 4 + 1 and len(cache.latents) == 8
     rows2, _ = _sweep(counting, None, ref_stats, reference_cache=cache)
     assert counting.calls - first == 4  # only euler's 4 NFE: the reference came from the cache
     assert rows2 == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(rows1, rows2)]
@@ -173,11 +174,13 @@ def test_reports(flow, ref_stats, tmp_path):
                          budgets={"euler": [2, 4], "midpoint": [4]})
     paths = write_reports(rows, grids, tmp_path, title="test")
     text = paths["csv"].read_text().splitlines()
-    header = "solver,grid,tol,nfe,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
+    header = "solver,grid,tol,nfe,flops,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
     assert text[0] == header == ",".join(COLUMNS)
     # FID-only reference statistics and no spatial features: blank sfid, precision and recall.
-    assert text[1].split(",")[7] == text[1].split(",")[9] == text[1].split(",")[10] == ""
-    assert float(text[1].split(",")[6]) == 0.0 and float(text[2].split(",")[6]) > 0.0  # fd_ref
+    assert text[1].split(",")[8] == text[1].split(",")[10] == text[1].split(",")[11] == ""
+    assert float(text[1].split(",")[7]) == 0.0 and float(text[2].split(",")[7]) > 0.0  # fd_ref
+    # No SideNet: each backbone row is one unit, so flops equals the NFE.
+    assert [float(line.split(",")[4]) for line in text[1:]] == pytest.approx([float(r["nfe"]) for r in rows], rel=1e-12)
     assert len(text) == 1 + len(rows)
     back = read_csv(paths["csv"])
     assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
@@ -185,9 +188,11 @@ def test_reports(flow, ref_stats, tmp_path):
         assert b["nfe"] == r["nfe"] and b["fid"] == pytest.approx(r["fid"], rel=1e-7)
         assert b["sfid"] is b["precision"] is b["recall"] is None
     md = paths["md"].read_text()
-    assert md == markdown_table(rows) and md.startswith("| solver | grid | tol | nfe | steps | fid | fd_ref | sfid | is | precision |")
+    assert md == markdown_table(rows) and md.startswith(
+        "| solver | grid | tol | nfe | flops | steps | fid | fd_ref | sfid | is | precision |")
     assert [r["grid"] for r in back] == ["adaptive", "uniform", "uniform", "uniform"]
-    for plot in ("plot", "plot_fd_ref", "plot_traj"):
+    assert paths["plot_traj_flops"] == tmp_path / "traj_rmse_vs_flops.png"
+    for plot in ("plot", "plot_fd_ref", "plot_traj", "plot_traj_flops"):
         assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
         "euler_nfe002.png", "euler_nfe004.png", "midpoint_nfe004.png", f"reference_nfe{rows[0]['nfe']:03d}.png"]
@@ -299,7 +304,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
     back = read_csv(paths["csv"])
     assert [b["recall"] for b in back] == [r["recall"] for r in rows]
     assert back[1]["sfid"] == pytest.approx(rows[1]["sfid"], rel=1e-7)
-    assert "| solver | grid | tol | nfe | steps | fid | fd_ref | sfid | is | precision | recall |" in paths["md"].read_text()
+    assert "| solver | grid | tol | nfe | flops | steps | fid | fd_ref | sfid | is | precision | recall |" in paths["md"].read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter

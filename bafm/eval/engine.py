@@ -10,6 +10,8 @@ noise and label (see ``bafm.sampling``), decoded to ``[0, 1]`` images and summar
   reference's real features (blank when the reference has none);
 - ``traj_rmse``: mean over samples of the RMS latent distance to the ``reference`` solver's
   sample from the same noise and label (the reference is solved once and cached);
+- ``flops``: the FLOPs of a sample's solve in units of one backbone forward on one sample (see
+  ``bafm.eval.plan.COLUMNS``);
 - ``seconds``: sampling wall time per image on this device (CUDA-synchronised).
 
 Samples are split across ranks by index, in groups of ``reference_batch_size`` consecutive
@@ -31,7 +33,7 @@ from bafm.eval.features import FeatureExtractor
 from bafm.eval.metrics import FeatureStats, ReferenceStats
 from bafm.eval.plan import (COLUMNS, Grids, Row, SampleSink, SweepInputError, SweepPoint, SweepSettings,
                             check_optimized_grids, partition, plan_sweep)  # fmt: skip
-from bafm.eval.points import ReferenceCache, SweepContext, reduce_point, run_point
+from bafm.eval.points import ReferenceCache, SweepContext, network_flops_for, reduce_point, run_point
 from bafm.sampling import REFERENCE, latent_shape
 from bafm.solvers import SOLVERS
 from bafm.solvers.grid_store import GridTable
@@ -113,6 +115,7 @@ def evaluate_sweep(
            feature_extractor.name)
     if cache.key != key:
         cache.reset(key)
+    flops = network_flops_for(backbone, sidenet, shape, device, cache)
 
     todo = ([SweepPoint(REFERENCE, 0, 0)] if include_reference else []) + points
     bar = None
@@ -123,7 +126,7 @@ def evaluate_sweep(
     ctx = SweepContext(
         backbone=backbone, sidenet=sidenet, settings=st, shape=shape, decoder=decoder, extractor=feature_extractor,
         reference_stats=reference_stats, device=device, cache=cache, use_reference=include_reference,
-        keep_uint8=sample_sink is not None, bar=bar, world=world, grid_table=grid_table,
+        keep_uint8=sample_sink is not None, bar=bar, world=world, grid_table=grid_table, flops=flops,
     )
 
     rows: List[Row] = []

@@ -18,8 +18,15 @@ from bafm.solvers.grid_store import GridTable
 from bafm.solvers.grids import steps_for_nfe
 
 # sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
-COLUMNS = ("solver", "grid", "tol", "nfe", "steps", "fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse",
-           "seconds", "n_samples")
+# nfe: backbone calls per sample, a guided call on the doubled batch counted once (as in papers).
+# flops: FLOPs per sample in units of one backbone forward on one sample, counted: the rows that
+#   passed through the backbone and the SideNet during the solves, times each network's FLOPs per
+#   row (measured with torch.utils.flop_counter, bafm.models.flops), over the backbone's. FLOPs
+#   are real work, so a guided call on the doubled batch costs 2 here, and BA's SideNet
+#   evaluations (three forward nodes and one backward per step, on doubled rows with guidance)
+#   add their share. NaN when the backbone has no counted FLOPs.
+COLUMNS = ("solver", "grid", "tol", "nfe", "flops", "steps", "fid", "fd_ref", "sfid", "is", "precision", "recall",
+           "traj_rmse", "seconds", "n_samples")
 Row = Dict[str, Any]
 Grids = Dict[Tuple[str, int], Tensor]
 # sample_sink(solver, nfe, images): all samples of one sweep point, uint8 (N, H, W, C), rank 0.

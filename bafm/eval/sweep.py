@@ -1,8 +1,8 @@
 """``bafm eval-nfe-sweep``: FID / IS / trajectory error / time per solver and NFE budget.
 
 A thin layer over ``bafm.eval.engine``: check every input, load the models, run the sweep,
-write ``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``grids/``, TensorBoard scalars
-(``tensorboard/``) and optionally ADM-style ``samples/*.npz`` to ``--out`` (default
+write ``results.csv``, ``results.md``, the ``*_vs_nfe.png`` and ``*_vs_flops.png`` plots,
+``grids/``, TensorBoard scalars (``tensorboard/``) and optionally ADM-style ``samples/*.npz`` to ``--out`` (default
 ``eval.out_dir`` or ``runs/<experiment>/nfe_sweep``), then print the Markdown table.
 Runs on one device or under ``torchrun`` (samples split across processes, rank 0 writes).
 
@@ -45,7 +45,8 @@ def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
 
 
 # What a sweep writes at the top of its folder; a folder holding anything else is not replaced.
-SWEEP_OUTPUTS = ("results.csv", "results.md", "config.yaml", "*_vs_nfe.png", "grids", "tensorboard", "samples")
+SWEEP_OUTPUTS = ("results.csv", "results.md", "config.yaml", "*_vs_nfe.png", "*_vs_flops.png", "grids", "tensorboard",
+                 "samples")
 
 
 def check_sweep_folder(folder: Path) -> None:

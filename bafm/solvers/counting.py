@@ -1,7 +1,8 @@
-"""Call counting (NFE, SideNet calls) and batched SideNet probes.
+"""Call counting (NFE, SideNet calls), row counting (work, for FLOPs) and batched SideNet probes.
 
 NFE is never derived from a formula: every solver wraps its callables in ``CallCounter`` and
-reports what the counter saw.
+reports what the counter saw. Likewise the work of a solve: ``NetworkRows`` counts the rows that
+pass through each network.
 """
 
 from __future__ import annotations
@@ -94,3 +95,39 @@ class CallCounter:
         """One batched SideNet call at several offsets; see the module function ``probe``."""
         self.calls += 1
         return probe(self.fn, x, v, t, offsets)
+
+
+class NetworkRows:
+    """Rows that passed through the backbone and through the SideNet: the work of solves.
+
+    ``CallCounter`` counts calls (NFE: a guided call on the doubled batch is one); this counts
+    rows, so a guided call on ``2 B`` rows is ``2 B``, and a SideNet probe at three offsets on
+    ``B`` samples is ``3 B``. Wrap the networks' entry points with ``backbone_fn`` /
+    ``sidenet_fn`` (their first argument is the batch-first state) and read the totals.
+
+    Attributes:
+        backbone: backbone rows so far.
+        sidenet: SideNet rows so far.
+    """
+
+    def __init__(self) -> None:
+        self.backbone = 0
+        self.sidenet = 0
+
+    def backbone_fn(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` that adds its first argument's rows to ``backbone``."""
+
+        def counted(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.backbone += int(x.shape[0])
+            return fn(x, *args, **kwargs)
+
+        return counted
+
+    def sidenet_fn(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` that adds its first argument's rows to ``sidenet``."""
+
+        def counted(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.sidenet += int(x.shape[0])
+            return fn(x, *args, **kwargs)
+
+        return counted
