@@ -12,8 +12,7 @@ from bafm.config import grid_file_candidates, sidenet_choice, sidenet_path
 from bafm.io import sha256_file
 from bafm.models.fast import apply_speed_switches
 from bafm.models.loading import load_backbone, load_sidenet
-from bafm.sampling import uses_side_fn
-from bafm.solvers import SOLVERS
+from bafm.solvers import SOLVERS, uses_side_fn
 from bafm.solvers.grid_store import GridTable, load_grid_table
 
 

@@ -18,21 +18,18 @@ backbone batch). The NFE sweep, the training callback, training and editing all 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from bafm.models.guidance import BackboneVelocity, SideVelocity, build_sampling_fns
-from bafm.solvers import SOLVERS, SideFn, SolveResult, VelocityFn, get_solver
-from bafm.solvers.grids import make_grid, nfe_for_steps, steps_for_nfe, uniform_grid
+from bafm.solvers import SideFn, SolveResult, VelocityFn, get_solver, is_adaptive, uses_side_fn
+from bafm.solvers.grids import GridSpec, solve_grid, time_grid
+from bafm.solvers.ground_truth import Reference
 
+# The name of the reference row of a sweep or an edit, whichever solver the ``Reference`` uses.
 REFERENCE = "reference"
-# How the sweep's ground truth is solved: adaptive dopri5 (NFE unbounded, as counted), or classic
-# RK4 at ``reference_steps`` uniform steps (exactly 4 NFE per step: bounded, for paper-scale backbones).
-REFERENCE_SOLVERS = ("dopri5", "rk4")
-# A named grid kind ("uniform", "shift") or an explicit 1-D grid.
-GridSpec = Union[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -124,125 +121,12 @@ def sample_labels(indices: Sequence[int] | Tensor, num_classes: int, device: tor
     return (idx % int(num_classes)).to(device)
 
 
-def uses_side_fn(solver: str) -> bool:
-    """Whether a registered solver needs a SideNet (``ba``, ``ba-single``)."""
-    return bool(getattr(SOLVERS[solver], "uses_side_fn", False))
-
-
-def is_adaptive(solver: str) -> bool:
-    """Whether a registered solver picks its own steps (``reference``), so has no NFE budget."""
-    return get_solver(solver).nfe_per_step is None
-
-
 def grid_label(solver: str, sampling: SamplingSettings) -> str:
     """A result row's ``grid`` column: ``adaptive`` for a solver that picks its own steps, else
     ``sampling.grid``, with its shift for ``shift`` (``"shift:3"``)."""
     if is_adaptive(solver):
         return "adaptive"
     return f"shift:{sampling.shift:g}" if sampling.grid == "shift" else sampling.grid
-
-
-def steps_for_budget(solver: str, nfe: Optional[int]) -> int:
-    """Grid intervals that spend exactly ``nfe`` backbone calls in one direction.
-
-    Args:
-        solver: registry name.
-        nfe: NFE budget; must be None for an adaptive solver (its calls are counted, not set).
-
-    Returns:
-        The number of steps (1 for an adaptive solver, which only uses the endpoints).
-
-    Raises:
-        ValueError: unknown solver, budget given to an adaptive solver, missing or infeasible
-            budget (naming the nearest feasible ones).
-    """
-    if is_adaptive(solver):
-        if nfe is not None:
-            raise ValueError(f"solver '{solver}' is adaptive: it takes no NFE budget (got {nfe}); pass nfe=None")
-        return 1
-    if nfe is None:
-        raise ValueError(f"solver '{solver}' needs an NFE budget (nfe=...)")
-    return steps_for_nfe(solver, nfe)
-
-
-def time_grid(
-    solver: str,
-    steps: int,
-    grid: str = "uniform",
-    *,
-    shift: float = 1.0,
-    increasing: bool = False,
-    dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device | str] = None,
-) -> Tensor:
-    """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for adaptive solvers.
-
-    Args:
-        solver: solver name.
-        steps: grid intervals (ignored by adaptive solvers: ``reference``, ``ba-adaptive``).
-        grid: grid kind, ``"uniform"`` or ``"shift"``.
-        shift: time shift of ``"shift"`` grids.
-        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
-        dtype: grid dtype; the solver rounds it to the state's dtype.
-        device: grid device.
-
-    Returns:
-        Strictly monotone 1-D grid between 1 and 0; inversion and generation with the same
-        arguments visit the same times, in opposite orders.
-    """
-    if is_adaptive(solver):
-        t_grid = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
-    else:
-        t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device)
-    return t_grid.flip(0) if increasing else t_grid
-
-
-def solve_grid(
-    solver: str,
-    nfe: Optional[int],
-    grid: GridSpec = "uniform",
-    *,
-    shift: float = 1.0,
-    increasing: bool,
-    dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device | str] = None,
-) -> Tensor:
-    """The time grid of one solve that spends an NFE budget.
-
-    Args:
-        solver: registry name.
-        nfe: NFE budget (None for an adaptive solver, or to take the steps from an explicit grid).
-        grid: ``"uniform"`` / ``"shift"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
-            explicit strictly monotone grid between 0 and 1 in either orientation.
-        shift: time shift of ``"shift"`` grids.
-        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
-        dtype: dtype of a named grid (an explicit one keeps its own).
-        device: device of the grid.
-
-    Returns:
-        1-D grid from 0 to 1 (``increasing``) or from 1 to 0.
-
-    Raises:
-        ValueError: unknown grid kind, a budget that the explicit grid does not spend, bad budget.
-    """
-    if isinstance(grid, str):
-        t_grid = make_grid(grid, steps_for_budget(solver, nfe), shift=shift, dtype=dtype, device=device)
-    else:
-        t_grid = torch.as_tensor(grid, device=device)
-        if t_grid.dim() != 1 or t_grid.numel() < 2:
-            raise ValueError(f"grid must be a 1-D tensor with at least 2 points, got shape {tuple(t_grid.shape)}")
-        if t_grid[0] < t_grid[-1]:
-            t_grid = t_grid.flip(0)  # store decreasing; flipped back below for inversions
-        if nfe is not None and not is_adaptive(solver):
-            spent = nfe_for_steps(solver, t_grid.numel() - 1)
-            if spent != nfe:
-                raise ValueError(
-                    f"solver '{solver}' spends {spent} NFE on the given {t_grid.numel() - 1}-step grid, not {nfe}"
-                )
-    if not (float(t_grid[0]) == 1.0 and float(t_grid[-1]) == 0.0):
-        ends = (float(t_grid[-1]), float(t_grid[0]))
-        raise ValueError(f"grid must run between t = 0 and t = 1, got endpoints {ends}")
-    return t_grid.flip(0) if increasing else t_grid
 
 
 def sampling_fns(
@@ -357,15 +241,7 @@ def solve_batch(
 
 
 def reference_solve(
-    backbone: nn.Module,
-    noise: Tensor,
-    labels: Tensor,
-    sampling: SamplingSettings,
-    *,
-    solver: str = "dopri5",
-    steps: int = 0,
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
+    backbone: nn.Module, noise: Tensor, labels: Tensor, sampling: SamplingSettings, reference: Reference
 ) -> SolveResult:
     """The ground truth that ``traj_rmse`` is measured against, for one batch.
 
@@ -373,34 +249,14 @@ def reference_solve(
         backbone: see ``solve_batch``.
         noise: ``(B, C, H, W)`` starting state at ``t = 1``.
         labels: ``(B,)`` int64 class labels.
-        sampling: guidance (its grid is not used).
-        solver: ``dopri5`` (the adaptive ``reference`` solver with ``rtol``/``atol``; its NFE is
-            not bounded in advance) or ``rk4`` (``steps`` uniform steps, exactly ``4 * steps`` NFE).
-        steps: RK4 steps (ignored by dopri5).
-        rtol: dopri5's relative tolerance (None: the solver's default).
-        atol: dopri5's absolute tolerance (None: as ``rtol``).
+        sampling: guidance (its grid is not used: the reference's own grid is).
+        reference: the solver and its options (see ``bafm.solvers.ground_truth``).
 
     Returns:
         The ``SolveResult``; ``nfe`` as counted.
-
-    Raises:
-        ValueError: unknown ``solver`` or ``steps < 1`` for RK4.
     """
-    if solver not in REFERENCE_SOLVERS:
-        raise ValueError(f"reference solver is '{solver}', expected one of: {', '.join(REFERENCE_SOLVERS)}.")
-    if solver == "dopri5":
-        return solve_batch(backbone, None, REFERENCE, 0, noise, labels, sampling, rtol=rtol, atol=atol)
-    if int(steps) < 1:
-        raise ValueError(f"reference solver '{solver}' needs reference_steps >= 1, got {steps}.")
-    # A uniform grid: the ground truth must not depend on the sampling grid being evaluated.
-    grid = uniform_grid(int(steps), dtype=torch.float64, device=noise.device)
-    return solve_batch(backbone, None, solver, int(steps), noise, labels, sampling, t_grid=grid)
-
-
-def describe_reference(solver: str, steps: int, rtol: float, atol: float, nfe: Optional[float] = None) -> str:
-    """One line naming the reference and its NFE per sample, e.g. ``rk4, 50 steps, 200 NFE per sample``."""
-    what = f"rk4, {steps} steps" if solver == "rk4" else f"dopri5 (rtol {rtol:g}, atol {atol:g})"
-    return what + ("" if nfe is None else f", {nfe:.6g} NFE per sample")
+    return solve_batch(backbone, None, reference.solver, 0, noise, labels, sampling,
+                       t_grid=reference.grid(device=noise.device), **reference.options())
 
 
 def generate(

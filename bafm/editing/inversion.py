@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional, Tuple
 from torch import Tensor
 
 from bafm.models.guidance import BackboneVelocity, SideVelocity
-from bafm.sampling import GridSpec, integrate, invert, sampling_fns
+from bafm.sampling import integrate, invert, sampling_fns
+from bafm.solvers.grids import GridSpec
 
 
 @dataclass
@@ -66,7 +67,7 @@ def edit_latents(
         cfg_scale: guidance scale, the same for all three solves (1.0: none).
         interval: guidance interval ``(lo, hi)``; None: every ``t``.
         grid: grid kind or explicit grid, shared by the three solves.
-        shift: time shift of ``"shifted"`` grids.
+        shift: time shift of ``"shift"`` grids.
         **solver_options: passed to the solver.
 
     Returns:

@@ -22,6 +22,7 @@ from bafm.eval.metrics import FeatureStats
 from bafm.eval.plan import SweepInputError, SweepPoint, SweepSettings, plan_sweep
 from bafm.eval.reference_stats import check_reference_source, resolve_reference_stats
 from bafm.experiment import load_optimized_grids
+from bafm.solvers.ground_truth import Reference
 
 
 def check_eval_files(cfg: Any) -> None:
@@ -102,10 +103,10 @@ def sweep_settings(cfg: Any) -> SweepSettings:
     ec = cfg.eval
     return SweepSettings(
         sampling=sampling_settings(cfg), seed=int(ec.seed), batch_size=int(ec.batch_size),
-        reference_rtol=float(ec.reference_rtol), reference_atol=float(ec.reference_atol),
-        reference_batch_size=int(ec.reference_batch_size), reference_solver=str(ec.reference_solver),
-        reference_steps=int(ec.reference_steps), include_reference=bool(ec.include_reference),
-        grid_images=int(ec.grid_images), is_splits=int(ec.is_splits), sidenet_hint=str(sidenet_path(cfg)),
+        reference=Reference.from_eval(ec), reference_batch_size=int(ec.reference_batch_size),
+        include_reference=bool(ec.include_reference),
+        grid_images=int(ec.grid_images), is_splits=int(ec.is_splits),
+        metrics_convention=str(ec.metrics_convention), sidenet_hint=str(sidenet_path(cfg)),
     )
 
 

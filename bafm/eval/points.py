@@ -16,8 +16,8 @@ from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
-from bafm.sampling import (REFERENCE, grid_label, is_adaptive, reference_solve, sample_labels, sample_noise,
-                           solve_batch)
+from bafm.sampling import REFERENCE, grid_label, reference_solve, sample_labels, sample_noise, solve_batch
+from bafm.solvers import is_adaptive
 from bafm.solvers.grid_store import GridTable
 
 
@@ -85,11 +85,10 @@ class SweepContext:
     grid_table: Optional[GridTable] = None  # optimized grids, for sampling.grid = optimized
 
     def grid_name(self, solver: str) -> str:
-        """The ``grid`` column (``bafm.sampling.grid_label``; ``uniform`` for the RK4 reference)."""
-        st = self.settings
-        if solver == REFERENCE and st.reference_solver == "rk4":
-            return "uniform"  # the fixed-step reference's own grid (see reference_solve)
-        return grid_label(solver, st.sampling)
+        """The ``grid`` column: the reference's own (``Reference.grid_label``), else ``bafm.sampling.grid_label``."""
+        if solver == REFERENCE:
+            return self.settings.reference.grid_label
+        return grid_label(solver, self.settings.sampling)
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
@@ -143,8 +142,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             sync(device)
             start = time.perf_counter()
             if is_ref:
-                res = reference_solve(ctx.backbone, noise, labels, st.sampling, solver=st.reference_solver,
-                                      steps=st.reference_steps, rtol=st.reference_rtol, atol=st.reference_atol)
+                res = reference_solve(ctx.backbone, noise, labels, st.sampling, st.reference)
             else:
                 opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
                 res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
@@ -234,9 +232,10 @@ def reduce_point(
                 "traj_rmse": math.nan, "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:
         return row, None, None
-    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device))
-    if logits is not None:
-        row["is"] = inception_score(logits, splits=ctx.settings.is_splits)[0]
+    convention = ctx.settings.metrics_convention
+    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device, convention=convention))
+    if logits is not None:  # gathered in sample order, which ADM's consecutive IS chunks rely on
+        row["is"] = inception_score(logits, splits=ctx.settings.is_splits, convention=convention)[0]
     if ctx.use_reference and rmse is not None and rmse.numel():
         row["traj_rmse"] = float(rmse.double().mean())
     grid = image_grid(grid_all) if grid_all is not None and grid_all.shape[0] else None

@@ -27,7 +27,7 @@ from bafm.eval.plan import SweepInputError
 from bafm.eval.report import NpzSampleWriter, log_tensorboard, markdown_table, write_reports
 from bafm.experiment import describe_sidenet, load_models
 from bafm.io import OutputFolderError, atomic_write_text, check_output_folder
-from bafm.sampling import REFERENCE, describe_reference, latent_shape
+from bafm.sampling import REFERENCE, latent_shape
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -93,9 +93,7 @@ def sweep(
                 print(markdown_table(result.rows), end="")
                 ref = [row for row in result.rows if row["solver"] == REFERENCE]
                 if ref:  # which ground truth traj_rmse is measured against, and what it cost
-                    print("reference: " + describe_reference(ec.reference_solver, int(ec.reference_steps),
-                                                             float(ec.reference_rtol), float(ec.reference_atol),
-                                                             float(ref[0]["nfe"])))
+                    print("reference: " + engine.settings.reference.describe(float(ref[0]["nfe"])))
                 print(f"results: {dest}")
     finally:
         if created:

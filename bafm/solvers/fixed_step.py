@@ -80,7 +80,7 @@ def midpoint(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResul
     return SolveResult(x=x, nfe=f.calls, steps=len(ts) - 1)
 
 
-@register("rk4", order=4, nfe_per_step=4)
+@register("rk4", order=4, nfe_per_step=4, reference="rk4")
 def rk4(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
     """Classic fourth-order Runge-Kutta (1/6, 1/3, 1/3, 1/6 weights); 4 NFE per step.
 

@@ -73,15 +73,16 @@ class NFESweepCallback(Callback):
         assert self._engine is not None
         self._last_step = step = trainer.global_step
         ec = self.cfg.eval
-        solvers = list(ec.callback_solvers)
+        solvers = list(ec.callback_solvers)  # checked with the config (bafm.plans.callback_plan)
         budgets: Dict[str, list] = {s: list(ec.callback_budgets) for s in solvers}
+        tolerances = {k: [float(t) for t in v] for k, v in ec.tolerances.items()}
         was_training = pl_module.training
         pl_module.eval()
         try:
             result = self._engine.run(
                 backbone=pl_module.backbone, sidenet=pl_module.ema_sidenet, solvers=solvers,
-                budgets=budgets, num_samples=ec.callback_num_samples, device=pl_module.device,
-                progress=False,
+                budgets=budgets, tolerances=tolerances, num_samples=ec.callback_num_samples,
+                device=pl_module.device, progress=False,
             )
         finally:
             pl_module.train(was_training)
