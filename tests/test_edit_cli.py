@@ -229,3 +229,31 @@ def test_edit_runs_on_optimized_grids_from_the_grid_file(repo_root, tiny, tmp_pa
     err = capsys.readouterr().err
     assert f"'{grid_file}' has no grid for solver 'ba' at 2 NFE" in err and "done in" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_edit_solves_ba_adaptive_at_eval_tolerances_and_the_reference_as_configured(repo_root, tiny, tmp_path,
+                                                                                      monkeypatch):
+    import bafm.editing.edit as edit
+
+    calls = []
+    real = edit.edit_latents
+
+    def recording(*args, **kwargs):
+        calls.append((args[4], kwargs.get("rtol"), kwargs.get("atol")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edit, "edit_latents", recording)
+    extra = ["edit.solvers=[ba-adaptive,reference]", "eval.tolerances={ba-adaptive: [0.05, 0.002]}",
+             "edit.batch_size=3", "eval.reference_rtol=1e-4", "eval.reference_atol=1e-6"]
+    assert main(_args(repo_root, tiny, tmp_path, *extra)) == 0
+    assert calls == [("ba-adaptive", 0.05, 0.05), ("ba-adaptive", 0.002, 0.002), ("reference", 1e-4, 1e-6)]
+    rows = _read(tmp_path / "out" / "edit_results.csv")
+    assert [(r["solver"], r["grid"], r["tol"]) for r in rows] == [
+        ("ba-adaptive", "adaptive", "0.05"), ("ba-adaptive", "adaptive", "0.002"), ("reference", "adaptive", "")]
+    # An RK4 reference (eval.reference_solver) solves the reference row on its own uniform grid.
+    calls.clear()
+    assert main(_args(repo_root, tiny, tmp_path, "edit.solvers=[reference]", "eval.reference_solver=rk4",
+                      "eval.reference_steps=3", "edit.batch_size=3")) == 0
+    assert calls == [("rk4", None, None)]
+    rows = _read(tmp_path / "out" / "edit_results.csv")
+    assert [(r["solver"], r["grid"], int(r["nfe"]), int(r["steps"])) for r in rows] == [("reference", "uniform", 12, 3)]

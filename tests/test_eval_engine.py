@@ -14,6 +14,7 @@ from bafm.eval.metrics import ReferenceStats, feature_statistics, frechet_distan
 from bafm.eval.report import log_tensorboard, markdown_table, read_csv, rows_to_csv, write_reports
 from bafm.models.analytic import GaussianMixtureFlow
 from bafm.sampling import SamplingSettings, generate, sample_labels, sample_noise
+from bafm.solvers.ground_truth import Reference
 
 SHAPE = (1, 4, 4)
 SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
@@ -86,7 +87,7 @@ def ref_stats(flow):
 
 def _sweep(backbone, sidenet, ref_stats, **kw):
     """``evaluate_sweep`` with test defaults; keyword arguments that name a ``SweepSettings`` field set it."""
-    settings = dict(seed=3, sampling=SAMPLING, batch_size=8, reference_rtol=1e-6, reference_atol=1e-6, grid_images=4)
+    settings = dict(seed=3, sampling=SAMPLING, batch_size=8, reference=Reference(rtol=1e-6, atol=1e-6), grid_images=4)
     args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, decoder=decode,
                 feature_extractor=TinyFeatures(), reference_stats=ref_stats, device="cpu", progress=False)
     for key, value in kw.items():
@@ -130,7 +131,7 @@ def test_rows_identical_across_batch_sizes(flow, ref_stats):
 def test_trajectory_error_falls_with_nfe_and_vanishes_for_the_reference(flow, ref_stats):
     rows, _ = _sweep(flow, None, ref_stats, solvers=["euler", "rk4"],
                      budgets={"euler": [2, 4, 8, 16, 32], "rk4": [64]},
-                     reference_rtol=1e-7, reference_atol=1e-7)
+                     reference=Reference(rtol=1e-7, atol=1e-7))
     ref, euler, rk4 = rows[0], rows[1:6], rows[6]
     assert ref["solver"] == "reference" and ref["traj_rmse"] == 0.0 and ref["nfe"] > 6
     errs = [r["traj_rmse"] for r in euler]

@@ -10,7 +10,8 @@ import torch
 from bafm.editing.inversion import edit_latents
 from bafm.models.analytic import GaussianMixtureFlow
 from bafm.models.guidance import build_sampling_fns
-from bafm.sampling import integrate, invert, solve_grid, steps_for_budget
+from bafm.sampling import integrate, invert
+from bafm.solvers.grids import solve_grid, steps_for_budget
 from bafm.solvers import SOLVERS, get_solver
 from bafm.solvers.grids import nfe_for_steps, uniform_grid
 
