@@ -45,7 +45,7 @@ def test_edit_writes_csv_grid_and_table(repo_root, tiny, tmp_path, capsys):
     points = [(r["solver"], int(r["nfe"]), int(r["steps"])) for r in rows]
     assert points == [("ba", 2, 2), ("euler", 2, 2), ("euler", 3, 3)]
     for r in rows:
-        assert int(r["n_images"]) == 3 and float(r["seconds"]) > 0.0
+        assert int(r["n_images"]) == 3
         assert float(r["recon_latent_rmse"]) > 0.0 and np.isfinite(float(r["recon_psnr"]))
         assert 0.0 <= float(r["edit_target_prob"]) <= 1.0
         # Accuracy over 3 images is k/3; the CSV keeps 6 significant digits ("0.333333").
