@@ -36,11 +36,17 @@ def speed_switches(section: Any) -> Dict[str, Any]:
                 precision=str(section.precision), compile_scope=str(getattr(section, "compile_scope", "model")))
 
 
-def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) -> Tuple[nn.Module, Optional[nn.Module]]:
+def load_models(
+    backbone_section: Any, sidenet_section: Any, sidenet_file: Path | str, solvers: Sequence[str],
+    device: torch.device | str,
+) -> Tuple[nn.Module, Optional[nn.Module]]:
     """The frozen backbone, and the SideNet when a solver needs one.
 
     Args:
-        cfg: experiment config (``backbone.*``, ``sidenet.path``).
+        backbone_section: the ``backbone`` config section (path, architecture, speed switches).
+        sidenet_section: the ``sidenet`` config section (speed switches).
+        sidenet_file: the SideNet checkpoint (``bafm.config.sidenet_path``); read only when a solver
+            needs it.
         solvers: solver names of the sweep.
         device: where the weights go.
 
@@ -48,13 +54,13 @@ def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) ->
         ``(backbone, sidenet or None)``, both in eval mode without gradients, wrapped by
         ``bafm.models.fast.apply_speed_switches`` when a speed switch is on.
     """
-    bc = cfg.backbone
+    bc = backbone_section
     backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, device=device,
                              depth=bc.depth, hidden_size=bc.hidden_size, num_heads=bc.num_heads)
-    sidenet = load_sidenet(sidenet_path(cfg), device=device) if needs_sidenet(solvers) else None
+    sidenet = load_sidenet(Path(sidenet_file), device=device) if needs_sidenet(solvers) else None
     # Speed switches (compile, CUDA graphs, channels-last, precision) from backbone.* / sidenet.*.
     backbone = apply_speed_switches(backbone, **speed_switches(bc))
-    sidenet = apply_speed_switches(sidenet, **speed_switches(cfg.sidenet)) if sidenet is not None else None
+    sidenet = apply_speed_switches(sidenet, **speed_switches(sidenet_section)) if sidenet is not None else None
     return backbone, sidenet
 
 

@@ -102,11 +102,11 @@ def test_damaged_checkpoint_is_not_a_readable_checkpoint(tiny, tmp_path, capsys)
 def test_corrupt_reference_cache_is_recomputed_with_a_warning(tiny, tmp_path):
     cfg = load_config(DIGITS, [f"data.root={tmp_path / 'data'}"])
     extractor = build_feature_extractor("classifier", classifier_path=tiny / "classifier.safetensors")
-    fresh = resolve_reference_stats(cfg, extractor)
-    cached = cache_path(cfg)
+    fresh = resolve_reference_stats(cfg.eval, cfg.data, extractor, seed=cfg.seed)
+    cached = cache_path(cfg.data)
     cached.write_bytes(cached.read_bytes()[:100])  # truncated zip
     with pytest.warns(UserWarning, match=rf"{cached}: unreadable cached reference statistics"):
-        again = resolve_reference_stats(cfg, extractor)
+        again = resolve_reference_stats(cfg.eval, cfg.data, extractor, seed=cfg.seed)
     torch.testing.assert_close(torch.as_tensor(again.pool.mu), torch.as_tensor(fresh.pool.mu))
     torch.testing.assert_close(torch.as_tensor(load_stats(cached)[0].sigma), torch.as_tensor(fresh.pool.sigma))
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from bafm.config import ExperimentConfig, run_dir, sampling_settings, to_container
+from bafm.config import ExperimentConfig, run_dir, sampling_settings, sidenet_path, to_container
 from bafm.editing.inputs import EditInputs, check_inputs, load_inputs, point_grids
 from bafm.editing.plan import REFERENCE, EditInputError, EditPoint, edit_plan
 from bafm.editing.inversion import edit_latents
@@ -67,7 +67,7 @@ def _load_models(
     from bafm.models.checkpoint_io import CheckpointError
 
     try:
-        return load_models(cfg, [point.solver for point in points], device)
+        return load_models(cfg.backbone, cfg.sidenet, sidenet_path(cfg), [point.solver for point in points], device)
     except (CheckpointError, ValueError, TypeError) as err:
         raise EditInputError(str(err)) from None
 
@@ -78,7 +78,7 @@ def _check_latent_shape(cfg: ExperimentConfig, backbone: nn.Module) -> None:
     from bafm.sampling import latent_shape
 
     try:
-        check_latent_shape(cfg, latent_shape(backbone))
+        check_latent_shape(cfg.data, latent_shape(backbone), cfg.backbone.path)
     except LatentShapeError as err:
         raise EditInputError(str(err)) from None
 
@@ -136,7 +136,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     backbone, sidenet = _load_models(cfg, points, device)
     _check_latent_shape(cfg, backbone)
     inputs = load_inputs(cfg, backbone, device)
-    decode = build_decoder(**decoder_options(cfg))
+    decode = build_decoder(**decoder_options(cfg.data))
     with torch.no_grad():
         reference_images = decode_batched(decode, inputs.latents, int(cfg.edit.batch_size))
         classifier = _load_classifier(cfg, reference_images, device)

@@ -201,7 +201,7 @@ def load_inputs(cfg: ExperimentConfig, backbone: nn.Module, device: torch.device
         return EditInputs(latents.to(device), ((pixels + 1.0) / 2.0).clamp(0, 1).to(device), source.to(device), names)
     from bafm.data.digits import digits_options, load_digits_images
 
-    images, labels = load_digits_images("val", **digits_options(cfg))
+    images, labels = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     idx = torch.as_tensor(list(ec.indices), dtype=torch.int64)
     latents, source = images[idx], labels[idx]
     if tuple(latents.shape[1:]) != shape:

@@ -189,7 +189,7 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
             raise GridSearchError(f"{err}; {KEEP_HINT}") from None
     name = str(ec.device)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    backbone, sidenet = load_models(cfg, solvers, device)
+    backbone, sidenet = load_models(cfg.backbone, cfg.sidenet, side, solvers, device)
     indices = torch.arange(int(oc.num_samples), dtype=torch.int64)
     reference = Reference.from_eval(ec)
     started = time.perf_counter()

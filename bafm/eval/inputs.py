@@ -35,7 +35,7 @@ def check_eval_files(cfg: Any) -> None:
     try:
         check_feature_extractor_files(ec.feature_extractor, classifier_path=ec.classifier_path,
                                       inception_weights=ec.inception_weights)
-        check_reference_source(cfg)
+        check_reference_source(cfg.eval, cfg.data)
     except (FileNotFoundError, ValueError) as err:
         raise SweepInputError(str(err)) from None
     if cfg.data.source != "digits" and not Path(cfg.data.vae_path).exists():
@@ -94,8 +94,9 @@ def build_eval_inputs(
     ec = cfg.eval
     extractor = build_feature_extractor(ec.feature_extractor, classifier_path=ec.classifier_path,
                                         inception_weights=ec.inception_weights, device=device)
-    stats = resolve_reference_stats(cfg, extractor, device=device, batch_size=int(ec.batch_size))
-    return build_decoder(**decoder_options(cfg)), extractor, stats
+    stats = resolve_reference_stats(cfg.eval, cfg.data, extractor, device=device, batch_size=int(ec.batch_size),
+                                    seed=int(cfg.seed))
+    return build_decoder(**decoder_options(cfg.data)), extractor, stats
 
 
 def sweep_settings(cfg: Any) -> SweepSettings:

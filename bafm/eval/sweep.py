@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from bafm.config import ExperimentConfig, run_dir, to_container
+from bafm.config import ExperimentConfig, run_dir, sidenet_path, to_container
 from bafm.data.vae import LatentShapeError, check_latent_shape
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepResult
@@ -74,9 +74,9 @@ def sweep(
     try:
         rank, _ = world_info()
         dest = output_dir(cfg, out)
-        backbone, sidenet = load_models(cfg, solvers, device)
+        backbone, sidenet = load_models(cfg.backbone, cfg.sidenet, sidenet_path(cfg), solvers, device)
         try:  # before the engine computes reference statistics for the experiment's data
-            check_latent_shape(cfg, latent_shape(backbone))
+            check_latent_shape(cfg.data, latent_shape(backbone), cfg.backbone.path)
         except LatentShapeError as err:
             raise SweepInputError(str(err)) from None
         engine = build_sweep_engine(cfg, device=device)

@@ -100,7 +100,7 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
     """
     bt = cfg.backbone_train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    images, labels = load_digits_images("train", **digits_options(cfg))  # (N, 1, S, S) in [-1, 1]
+    images, labels = load_digits_images("train", **digits_options(cfg.data, cfg.seed))  # (N, 1, S, S) in [-1, 1]
     model = build_sit(
         cfg.backbone.arch, input_size=images.shape[-1], in_channels=images.shape[1], num_classes=10,
         depth=cfg.backbone.depth, hidden_size=cfg.backbone.hidden_size, num_heads=cfg.backbone.num_heads,
