@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -83,6 +83,20 @@ def check_grids_match_sidenet(table: GridTable, side: Path) -> None:
             f"'{side}' (sha256 {actual[:12]}); run `make optimize-grid` for this SideNet, or point "
             "sampling.grid_file at grids searched for it"
         )
+
+
+def grids_in_use(cfg: Any, error: Type[Exception]) -> Optional[GridTable]:
+    """The optimized grids when ``sampling.grid`` is ``optimized`` (see ``load_optimized_grids``), else None.
+
+    Raises:
+        error: the grid file is missing, malformed or of another SideNet (the command's input error).
+    """
+    if str(cfg.sampling.grid) != "optimized":
+        return None
+    try:
+        return load_optimized_grids(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise error(str(err)) from None
 
 
 def load_optimized_grids(cfg: Any) -> GridTable:

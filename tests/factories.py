@@ -49,6 +49,16 @@ def tiny_digits_overrides(tmp_path: Path) -> list:
     ]
 
 
+def tiny_model_overrides(tiny: Path, tmp_path: Path, sidenet: Path | None = None) -> list:
+    """Overrides that point ``experiments/digits.yaml`` at the ``tiny`` fixture's models and ``tmp_path`` folders."""
+    return [
+        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
+        "backbone.num_heads=2", f"sidenet.path={sidenet or tiny / 'sidenet.safetensors'}",
+        f"eval.classifier_path={tiny / 'classifier.safetensors'}", f"data.root={tmp_path / 'data'}",
+        f"runs_dir={tmp_path / 'runs'}",
+    ]
+
+
 def synthetic_shards(folder: Path, shape=(4, 8, 8), n: int = 64, num_classes: int = 10, per_shard: int = 32,
                      scaling_factor: float = 0.18215) -> Path:
     """Random latent moments in ``folder`` as a ``train`` split with its manifest."""

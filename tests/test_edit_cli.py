@@ -15,6 +15,7 @@ from bafm.editing.report import COLUMNS, latent_rmse, psnr
 from bafm.models.classifier import DigitsClassifier, save_classifier
 from bafm.models.loading import load_backbone, save_backbone
 from bafm.models.sit import build_sit
+from factories import tiny_model_overrides
 
 
 
@@ -24,10 +25,7 @@ from bafm.models.sit import build_sit
 def _args(repo_root, tiny, tmp_path, *extra):
     return [
         "edit", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
-        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-        "backbone.num_heads=2", f"sidenet.path={tiny / 'sidenet.safetensors'}",
-        f"eval.classifier_path={tiny / 'classifier.safetensors'}", f"data.root={tmp_path / 'data'}",
-        f"runs_dir={tmp_path / 'runs'}", "edit.device=cpu", "edit.indices=[0,1,2]", "edit.target_class=3",
+        *tiny_model_overrides(tiny, tmp_path), "edit.device=cpu", "edit.indices=[0,1,2]", "edit.target_class=3",
         "edit.solvers=[ba,euler]", "edit.budgets={ba: [2], euler: [2, 3]}", "edit.batch_size=2", *extra,
     ]
 

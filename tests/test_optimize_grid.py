@@ -15,6 +15,7 @@ from bafm.sampling import SamplingSettings
 from bafm.io import sha256_file
 from bafm.solvers.grid_store import load_grid_table, save_grid_table
 from bafm.solvers.ground_truth import Reference
+from factories import tiny_model_overrides
 
 SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
 
@@ -65,9 +66,7 @@ def test_search_lowers_the_calibration_error_and_reports_it_exactly(calibration)
 def _args(repo_root, tiny, side, tmp_path, command="optimize-grid", *extra, out=None):
     return [
         command, *(["--out", str(out)] if out else []), "--config", str(repo_root / "experiments/digits.yaml"),
-        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-        "backbone.num_heads=2", f"sidenet.path={side}", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-        f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "eval.device=cpu",
+        *tiny_model_overrides(tiny, tmp_path, sidenet=side), "eval.device=cpu",
         "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.reference_batch_size=6",
         "optimize_grid.solvers=[euler,ba]", "optimize_grid.budgets={euler: [3], ba: [2]}",
         "optimize_grid.num_samples=6", "optimize_grid.batch_size=6", "optimize_grid.max_evals=8", *extra,

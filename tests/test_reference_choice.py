@@ -13,6 +13,7 @@ from bafm.models.analytic import GaussianMixtureFlow
 from bafm.solvers import get_solver, reference_solvers
 from bafm.solvers.ground_truth import Reference
 from bafm.solvers.grids import uniform_grid
+from factories import tiny_model_overrides
 
 NO_GUIDANCE = SimpleNamespace(cfg_scale=1.0, guidance_interval=(0.0, 0.7), grid="shift", shift=3.0)
 
@@ -72,9 +73,7 @@ def test_describe_reference():
 def _args(repo_root, tiny, tmp_path, *extra):
     return [
         "eval-nfe-sweep", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
-        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-        "backbone.num_heads=2", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-        f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "eval.num_samples=6", "eval.batch_size=6",
+        *tiny_model_overrides(tiny, tmp_path), "eval.num_samples=6", "eval.batch_size=6",
         "eval.reference_batch_size=3", "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.grid_images=0",
         "eval.device=cpu", "eval.solvers=[euler]", "eval.budgets={euler: [2]}", *extra,
     ]

@@ -6,6 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bafm.cli import main
 from bafm.eval.report import read_csv
+from factories import tiny_model_overrides
 
 
 
@@ -20,10 +21,7 @@ def _is_fraction(value: float, n: int) -> bool:
 def _args(repo_root, tiny, tmp_path, *extra):
     return [
         "eval-nfe-sweep", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
-        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-        "backbone.num_heads=2", f"sidenet.path={tiny / 'sidenet.safetensors'}",
-        f"eval.classifier_path={tiny / 'classifier.safetensors'}", f"data.root={tmp_path / 'data'}",
-        f"runs_dir={tmp_path / 'runs'}", "eval.num_samples=20", "eval.batch_size=8", "eval.reference_batch_size=10",
+        *tiny_model_overrides(tiny, tmp_path), "eval.num_samples=20", "eval.batch_size=8", "eval.reference_batch_size=10",
         "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.grid_images=9", "eval.device=cpu",
         "eval.solvers=[ba,euler]", "eval.budgets={ba: [3], euler: [2, 4]}", *extra,
     ]

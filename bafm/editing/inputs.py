@@ -51,15 +51,9 @@ def point_grids(cfg: ExperimentConfig, points: Sequence[EditPoint]) -> Dict[Edit
     Raises:
         EditInputError: the grid file is missing or malformed, or lacks a (solver, NFE) of ``points``.
     """
-    reference = Reference.from_eval(cfg.eval)
-    table = None
-    if str(cfg.sampling.grid) == "optimized":
-        from bafm.experiment import load_optimized_grids
+    from bafm.experiment import grids_in_use
 
-        try:
-            table = load_optimized_grids(cfg)
-        except (FileNotFoundError, ValueError) as err:
-            raise EditInputError(str(err)) from None
+    reference, table = Reference.from_eval(cfg.eval), grids_in_use(cfg, EditInputError)
     grids: Dict[EditPoint, GridSpec] = {}
     for point in points:
         if point.solver == REFERENCE:
@@ -74,7 +68,7 @@ def point_grids(cfg: ExperimentConfig, points: Sequence[EditPoint]) -> Dict[Edit
     return grids
 
 
-def check_inputs(cfg: ExperimentConfig, points: Sequence[Point]) -> None:
+def check_inputs(cfg: ExperimentConfig, points: Sequence[EditPoint]) -> None:
     """The checks that need no model: classes, options, files, indices.
 
     Raises:

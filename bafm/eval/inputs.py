@@ -21,7 +21,7 @@ from bafm.eval.features import FeatureExtractor, build_feature_extractor, check_
 from bafm.eval.metrics import FeatureStats
 from bafm.eval.plan import SweepInputError, SweepPoint, SweepSettings, plan_sweep
 from bafm.eval.reference_stats import check_reference_source, resolve_reference_stats
-from bafm.experiment import load_optimized_grids
+from bafm.experiment import grids_in_use
 from bafm.solvers.ground_truth import Reference
 
 
@@ -121,12 +121,7 @@ def build_sweep_engine(cfg: Any, device: torch.device | str = "cpu") -> SweepEng
     Raises:
         SweepInputError: a file it needs is missing (names it and how to make it).
     """
-    table = None
-    if str(cfg.sampling.grid) == "optimized":
-        try:
-            table = load_optimized_grids(cfg)
-        except (FileNotFoundError, ValueError) as err:
-            raise SweepInputError(str(err)) from None
+    table = grids_in_use(cfg, SweepInputError)
     decoder, extractor, stats = build_eval_inputs(cfg, device)
     return SweepEngine(sweep_settings(cfg), decoder=decoder, feature_extractor=extractor, reference_stats=stats,
                        grid_table=table)

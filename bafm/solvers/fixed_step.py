@@ -2,6 +2,11 @@
 
 All integrate ``dx/dt = v(x, t)`` with the signed step ``dt = t_{i+1} - t_i`` (negative when
 generating, ``t: 1 -> 0``; positive when inverting, ``t: 0 -> 1``).
+
+Every solver here takes the shared arguments, documented once: ``velocity_fn(x, t) -> v`` with
+``x`` ``(B, ...)`` and ``t`` ``(B,)``; ``x``, the initial state ``(B, ...)`` at ``t_grid[0]``;
+``t_grid``, a strictly monotone 1-D grid in ``[0, 1]``. Each returns a ``SolveResult`` with the
+state at ``t_grid[-1]``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,7 @@ from bafm.solvers.counting import CallCounter
 def euler(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
     """Explicit Euler: ``x_{i+1} = x_i + dt * v(x_i, t_i)``; 1 NFE per step.
 
-    Args:
-        velocity_fn: ``velocity_fn(x, t) -> v``, ``x`` ``(B, ...)``, ``t`` ``(B,)``.
-        x: initial state ``(B, ...)`` at ``t_grid[0]``.
-        t_grid: strictly monotone 1-D grid in ``[0, 1]``.
-
-    Returns:
-        SolveResult with the state at ``t_grid[-1]``.
+    Args and returns: the shared signature (module docstring).
     """
     ts = check_grid(t_grid, x, "euler")
     f = CallCounter(velocity_fn)
@@ -38,13 +37,7 @@ def heun(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
 
     ``k1 = v(x_i, t_i)``, ``k2 = v(x_i + dt k1, t_{i+1})``, ``x_{i+1} = x_i + dt (k1 + k2) / 2``.
 
-    Args:
-        velocity_fn: ``velocity_fn(x, t) -> v``, ``x`` ``(B, ...)``, ``t`` ``(B,)``.
-        x: initial state ``(B, ...)`` at ``t_grid[0]``.
-        t_grid: strictly monotone 1-D grid in ``[0, 1]``.
-
-    Returns:
-        SolveResult with the state at ``t_grid[-1]``.
+    Args and returns: the shared signature (module docstring).
     """
     ts = check_grid(t_grid, x, "heun")
     f = CallCounter(velocity_fn)
@@ -62,13 +55,7 @@ def midpoint(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResul
 
     ``k1 = v(x_i, t_i)``, ``k2 = v(x_i + dt/2 k1, t_i + dt/2)``, ``x_{i+1} = x_i + dt k2``.
 
-    Args:
-        velocity_fn: ``velocity_fn(x, t) -> v``, ``x`` ``(B, ...)``, ``t`` ``(B,)``.
-        x: initial state ``(B, ...)`` at ``t_grid[0]``.
-        t_grid: strictly monotone 1-D grid in ``[0, 1]``.
-
-    Returns:
-        SolveResult with the state at ``t_grid[-1]``.
+    Args and returns: the shared signature (module docstring).
     """
     ts = check_grid(t_grid, x, "midpoint")
     f = CallCounter(velocity_fn)
@@ -84,13 +71,7 @@ def midpoint(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResul
 def rk4(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
     """Classic fourth-order Runge-Kutta (1/6, 1/3, 1/3, 1/6 weights); 4 NFE per step.
 
-    Args:
-        velocity_fn: ``velocity_fn(x, t) -> v``, ``x`` ``(B, ...)``, ``t`` ``(B,)``.
-        x: initial state ``(B, ...)`` at ``t_grid[0]``.
-        t_grid: strictly monotone 1-D grid in ``[0, 1]``.
-
-    Returns:
-        SolveResult with the state at ``t_grid[-1]``.
+    Args and returns: the shared signature (module docstring).
     """
     ts = check_grid(t_grid, x, "rk4")
     f = CallCounter(velocity_fn)
