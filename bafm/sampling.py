@@ -218,7 +218,7 @@ def solve_batch(
 
     Args:
         backbone: module with ``velocity(x, t, y)`` and ``num_classes`` (null class id).
-        sidenet: module with ``velocity(x, v, t, h, y)``; required by ``ba`` and ``ba-single``.
+        sidenet: module with ``velocity(x, v, t, h, y)``; required by the SideNet solvers (``uses_side_fn``).
         solver: name in ``SOLVERS``.
         steps: grid intervals.
         noise: ``(B, C, H, W)`` starting state.

@@ -61,9 +61,9 @@ def edit_latents(
         source: int64 source classes ``(B,)``.
         target: int64 target classes ``(B,)``.
         solver: registry name.
-        nfe: NFE budget of each direction (None for ``reference``).
+        nfe: NFE budget of each direction (None for an adaptive solver, or to take the steps from an explicit grid).
         null_class: unconditional label (``num_classes``).
-        side_velocity: ``sidenet.velocity(x, v, t, h, y)``; required by ``ba`` / ``ba-single``.
+        side_velocity: ``sidenet.velocity(x, v, t, h, y)``; required by the SideNet solvers (``uses_side_fn``).
         cfg_scale: guidance scale, the same for all three solves (1.0: none).
         interval: guidance interval ``(lo, hi)``; None: every ``t``.
         grid: grid kind or explicit grid, shared by the three solves.
