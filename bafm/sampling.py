@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from bafm.models.guidance import BackboneVelocity, SideVelocity, build_sampling_fns
+from bafm.models.anchor_features import AnchorFn, anchor_for, uses_backbone_features
+from bafm.models.guidance import DEFAULT_GUIDANCE_INTERVAL, BackboneVelocity, SideVelocity, build_sampling_fns
 from bafm.solvers import SideFn, SolveResult, VelocityFn, get_solver, is_adaptive, uses_side_fn
 from bafm.solvers.grids import GridSpec, solve_grid, time_grid
 from bafm.solvers.ground_truth import Reference
@@ -46,7 +47,7 @@ class SamplingSettings:
     grid: str = "uniform"
     shift: float = 1.0
     cfg_scale: float = 1.0
-    guidance_interval: Optional[Tuple[float, float]] = (0.0, 0.7)
+    guidance_interval: Optional[Tuple[float, float]] = DEFAULT_GUIDANCE_INTERVAL
 
 
 def latent_shape(backbone: nn.Module) -> Tuple[int, ...]:
@@ -137,9 +138,13 @@ def sampling_fns(
     null_class: int,
     side_velocity: Optional[SideVelocity] = None,
     cfg_scale: float = 1.0,
-    interval: Optional[Tuple[float, float]] = (0.0, 0.7),
+    interval: Optional[Tuple[float, float]] = DEFAULT_GUIDANCE_INTERVAL,
+    anchor: Optional[AnchorFn] = None,
 ) -> Tuple[VelocityFn, Optional[SideFn]]:
     """The solver closures for one batch of labels; the side closure only for SideNet solvers.
+
+    ``anchor`` (``bafm.models.anchor_features.anchor_for``) is used, for SideNet solvers only,
+    when the SideNet reads the backbone's tokens.
 
     Raises:
         ValueError: a SideNet solver without ``side_velocity``, bad labels, interval or scale.
@@ -148,7 +153,8 @@ def sampling_fns(
     if needs_side and side_velocity is None:
         raise ValueError(f"solver '{solver}' needs a SideNet, got none.")
     return build_sampling_fns(backbone_velocity, labels, null_class=null_class, cfg_scale=cfg_scale,
-                              interval=interval, side_velocity=side_velocity if needs_side else None)
+                              interval=interval, side_velocity=side_velocity if needs_side else None,
+                              anchor=anchor if needs_side else None)
 
 
 def solve(
@@ -234,6 +240,7 @@ def solve_batch(
         solver, backbone.velocity, labels, null_class=int(backbone.num_classes),
         side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=float(sampling.cfg_scale),
         interval=sampling.guidance_interval,
+        anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None,
     )  # fmt: skip
     if t_grid is None:
         t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device)

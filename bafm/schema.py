@@ -68,6 +68,10 @@ class SideNetConfig:
     emb_dim: int = 256
     depth: int = 4
     num_heads: int = 4
+    # Beyond the paper: read the backbone's hidden tokens at each anchor (no extra NFE; see
+    # bafm.models.anchor_features). False is the release architecture.
+    backbone_features: bool = False
+    feature_layer: int = -1  # backbone block whose output tokens are read (-1: the last)
     # Speed switches (bafm.models.fast.apply_speed_switches); the defaults keep eager float32.
     compile: bool = False  # torch.compile the velocity (eager fallback if compilation fails)
     compile_mode: str = "max-autotune-no-cudagraphs"  # small fixed-shape calls: autotuning pays off
@@ -114,6 +118,12 @@ class TrainerConfig:
     fast_dev_run: bool = False
     deterministic: bool = False
     enable_progress_bar: bool = True
+    # Validation: the EMA SideNet's chain loss on the first val_batches batches of the val split
+    # (fixed draws) and val/side_rel_err on side_error_samples held-out exact-ODE states, every
+    # val_every_n_steps steps (0: never).
+    val_every_n_steps: int = 0
+    val_batches: int = 2
+    side_error_samples: int = 128
 
 
 @dataclass

@@ -174,9 +174,11 @@ def test_reports(flow, ref_stats, tmp_path):
                          budgets={"euler": [2, 4], "midpoint": [4]})
     paths = write_reports(rows, grids, tmp_path, title="test")
     text = paths["csv"].read_text().splitlines()
-    assert text[0] == "solver,grid,tol,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples" == ",".join(COLUMNS)
+    header = "solver,grid,tol,nfe,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
+    assert text[0] == header == ",".join(COLUMNS)
     # FID-only reference statistics and no spatial features: blank sfid, precision and recall.
-    assert text[1].split(",")[6] == text[1].split(",")[8] == text[1].split(",")[9] == ""
+    assert text[1].split(",")[7] == text[1].split(",")[9] == text[1].split(",")[10] == ""
+    assert float(text[1].split(",")[6]) == 0.0 and float(text[2].split(",")[6]) > 0.0  # fd_ref
     assert len(text) == 1 + len(rows)
     back = read_csv(paths["csv"])
     assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
@@ -190,9 +192,10 @@ def test_reports(flow, ref_stats, tmp_path):
                                       ["euler", "uniform", "", "2", "2"], ["euler", "uniform", "", "4", "4"],
                                       ["midpoint", "uniform", "", "4", "2"]]
     for c, r in zip(cells, rows):  # fid as printed, to its shown digits; blank sfid, precision and recall
-        assert float(c[5]) == pytest.approx(r["fid"], rel=1e-3) and c[6] == c[8] == c[9] == ""
+        assert float(c[5]) == pytest.approx(r["fid"], rel=1e-3) and c[7] == c[9] == c[10] == ""
     assert [r["grid"] for r in back] == ["adaptive", "uniform", "uniform", "uniform"]
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("plot", "plot_fd_ref", "plot_traj"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
         "euler_nfe002.png", "euler_nfe004.png", "midpoint_nfe004.png", f"reference_nfe{rows[0]['nfe']:03d}.png"]
     nan_row = dict(rows[1], fid=math.nan)
@@ -303,7 +306,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
     back = read_csv(paths["csv"])
     assert [b["recall"] for b in back] == [r["recall"] for r in rows]
     assert back[1]["sfid"] == pytest.approx(rows[1]["sfid"], rel=1e-7)
-    assert "| solver | grid | tol | nfe | steps | fid | sfid | is | precision | recall |" in paths["md"].read_text()
+    assert "| solver | grid | tol | nfe | steps | fid | fd_ref | sfid | is | precision | recall |" in paths["md"].read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter

@@ -301,7 +301,9 @@ def test_release_sidenet_checkpoint_prefers_ema(tmp_path):
     torch.save({"side_model": live.state_dict(), "ema_side_model": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": 2000}, path)  # fmt: skip
     model = load_sidenet(path)
-    assert _frozen(model) and model.config == {**cfg, "num_heads": 4, "frequency_dim": 256}
+    # A release checkpoint is the feature-free architecture.
+    assert _frozen(model) and model.config == {**cfg, "num_heads": 4, "frequency_dim": 256, "feature_dim": 0,
+                                               "feature_layer": -1}
     torch.testing.assert_close(model.velocity(x, v, t, h, y), ema.velocity(x, v, t, h, y), rtol=0.0, atol=0.0)
     trainable = load_sidenet(path, trainable=True)
     assert trainable.training and all(p.requires_grad for p in trainable.parameters())

@@ -31,7 +31,7 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert main(_args(repo_root, tiny, tmp_path, "eval.save_npz=true")) == 0
     out = tmp_path / "out"
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert header == "solver,grid,tol,nfe,steps,fid,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
+    assert header == "solver,grid,tol,nfe,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
     rows = read_csv(out / "results.csv")
     assert [(r["solver"], r["nfe"], r["steps"]) for r in rows[1:]] == [("ba", 3, 3), ("euler", 2, 2), ("euler", 4, 4)]
     assert rows[0]["solver"] == "reference" and rows[0]["traj_rmse"] == 0.0
@@ -43,7 +43,9 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert all(r["traj_rmse"] > 0.0 for r in rows[1:])
     printed = capsys.readouterr().out
     assert (out / "results.md").read_text() in printed
-    assert (out / "fid_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("fid_vs_nfe.png", "fd_ref_vs_nfe.png", "traj_rmse_vs_nfe.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    assert rows[0]["fd_ref"] == 0.0 and all(r["fd_ref"] > 0.0 for r in rows[1:])
     assert len(list((out / "grids").glob("*.png"))) == 4
     # TensorBoard holds the CSV's numbers: one curve per solver and metric, step = NFE.
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()

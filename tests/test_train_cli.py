@@ -139,3 +139,27 @@ def test_two_process_cpu_ddp(tmp_path):
     acc = _events(tmp_path / "runs" / "digits")
     assert "sweep/fid/ba_nfe4" in acc.Tags()["scalars"]
     assert (tmp_path / "runs" / "digits" / "sidenet.safetensors").is_file()
+
+
+def test_feature_sidenet_trains_validates_and_lays_out_its_dashboard(tmp_path):
+    args = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=4",
+            "sidenet.backbone_features=true", "trainer.val_every_n_steps=2", "trainer.val_batches=1",
+            "trainer.side_error_samples=8", "eval.every_n_steps=4", "eval.callback_budgets=[4]"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "digits"
+    sidenet = load_sidenet(run / "sidenet.safetensors")
+    assert sidenet.uses_backbone_features and sidenet.config["feature_layer"] == -1
+    acc = _events(run)
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("val/loss", "val/loss_over_identity", "val/side_rel_err", "val/side_rel_err_worst"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 3], tag  # logged at the step index of the check
+    assert 0.0 < acc.Scalars("val/side_rel_err")[0].value < 1.5
+    assert {"sweep/fd_ref/ba_nfe4", "sweep/fd_ref/euler_nfe4", "sweep/traj_rmse/ba_nfe4"} <= scalars
+    # The custom-scalars layout: every callback solver at one budget on one chart per metric.
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = [e for e in acc.Tensors("custom_scalars__config__")]
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["FD to the reference samples at 4 NFE"] == [r"^sweep/fd_ref/.*_nfe4$"]
+    assert "FID at 4 NFE" in charts

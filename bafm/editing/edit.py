@@ -34,6 +34,7 @@ from bafm.config import ExperimentConfig, run_dir, sampling_settings, sidenet_pa
 from bafm.editing.inputs import EditInputs, check_inputs, load_inputs, point_grids
 from bafm.editing.plan import REFERENCE, EditInputError, EditPoint, edit_plan
 from bafm.editing.inversion import edit_latents
+from bafm.models.anchor_features import anchor_for, uses_backbone_features
 from bafm.editing.report import (Row, latent_rmse, markdown_table, notes, psnr, render_grid, rows_to_csv,
                                  target_scores)  # fmt: skip
 from bafm.sampling import grid_label
@@ -189,7 +190,7 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
                 target[lo : lo + batch], solver, nfe, null_class=int(backbone.num_classes),
                 side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=settings.cfg_scale,
                 interval=settings.guidance_interval, grid=grid, shift=settings.shift,
-                **options,
+                anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None, **options,
             )
             recon.append(res.reconstruction)
             edits.append(res.edit)

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor
 
-from bafm.models.guidance import BackboneVelocity, SideVelocity
+from bafm.models.anchor_features import AnchorFn
+from bafm.models.guidance import DEFAULT_GUIDANCE_INTERVAL, BackboneVelocity, SideVelocity
 from bafm.sampling import integrate, invert, sampling_fns
 from bafm.solvers.grids import GridSpec
 
@@ -48,9 +49,10 @@ def edit_latents(
     null_class: int,
     side_velocity: Optional[SideVelocity] = None,
     cfg_scale: float = 1.0,
-    interval: Optional[Tuple[float, float]] = (0.0, 0.7),
+    interval: Optional[Tuple[float, float]] = DEFAULT_GUIDANCE_INTERVAL,
     grid: GridSpec = "uniform",
     shift: float = 1.0,
+    anchor: Optional[AnchorFn] = None,
     **solver_options: Any,
 ) -> EditLatents:
     """Invert under ``source``, regenerate under ``source`` (reconstruction) and ``target`` (edit).
@@ -68,6 +70,7 @@ def edit_latents(
         interval: guidance interval ``(lo, hi)``; None: every ``t``.
         grid: grid kind or explicit grid, shared by the three solves.
         shift: time shift of ``"shift"`` grids.
+        anchor: ``(x, t, y) -> (v, features)`` for a SideNet that reads the backbone's tokens.
         **solver_options: passed to the solver.
 
     Returns:
@@ -77,7 +80,7 @@ def edit_latents(
         ValueError: a SideNet solver without ``side_velocity``, bad labels or budget.
     """
     guidance: Dict[str, Any] = dict(null_class=null_class, side_velocity=side_velocity, cfg_scale=cfg_scale,
-                                    interval=interval)  # fmt: skip
+                                    interval=interval, anchor=anchor)  # fmt: skip
     v_src, s_src = sampling_fns(solver, backbone_velocity, source, **guidance)
     v_tgt, s_tgt = sampling_fns(solver, backbone_velocity, target, **guidance)
     common: Dict[str, Any] = dict(grid=grid, shift=shift, **solver_options)

@@ -102,6 +102,31 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(out[KEY_METRIC_FID])
 
 
+def fd_to_reference(features: torch.Tensor, reference_features: torch.Tensor) -> float:
+    """``fd_ref``: Fréchet distance between a solver's features and the reference solver's.
+
+    Both sets come from the same noises and labels, row for row, so the sampling noise of two
+    independent draws (which swamps FID where the backbone sits at its noise floor) is shared
+    and what remains is the solver's error in distribution.
+
+    Args:
+        features: the solver's samples' features ``(N, D)``.
+        reference_features: the reference samples' features ``(N, D)``, same rows.
+
+    Returns:
+        ``frechet_distance`` of the two sets' statistics (0 for identical sets).
+
+    Raises:
+        ValueError: the two sets differ in shape.
+    """
+    if features.shape != reference_features.shape:
+        raise ValueError(
+            f"fd_ref needs the reference's features for the same samples: got {tuple(features.shape)} and "
+            f"{tuple(reference_features.shape)}"
+        )
+    return frechet_distance(feature_statistics(features), feature_statistics(reference_features))
+
+
 def inception_score(logits: torch.Tensor, splits: int = 10, convention: str = "torch-fidelity") -> Tuple[float, float]:
     """Inception score ``exp(E_x KL(p(y|x) || p(y)))`` from class logits, averaged over splits.
 

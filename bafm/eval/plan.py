@@ -19,8 +19,8 @@ from bafm.solvers.ground_truth import Reference
 from bafm.solvers.grids import steps_for_nfe
 
 # sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
-COLUMNS = ("solver", "grid", "tol", "nfe", "steps", "fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds",
-           "n_samples")
+COLUMNS = ("solver", "grid", "tol", "nfe", "steps", "fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse",
+           "seconds", "n_samples")
 Row = Dict[str, Any]
 Grids = Dict[Tuple[str, int], Tensor]
 # sample_sink(solver, nfe, images): all samples of one sweep point, uint8 (N, H, W, C), rank 0.

@@ -1,5 +1,8 @@
 """One sweep point (a solver at a budget): sample, decode and featurise on each rank, then
 gather to rank 0 and turn the results into a row of metrics.
+
+The reference solver's features per sample are cached with its latents, so each row's ``fd_ref``
+(Fréchet distance to the reference samples from the same noises and labels) costs no sampling.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 
 from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
-from bafm.eval.metrics import FeatureStats, ReferenceStats, inception_score, reference_metrics
+from bafm.eval.metrics import FeatureStats, ReferenceStats, fd_to_reference, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
 from bafm.sampling import REFERENCE, grid_label, reference_solve, sample_labels, sample_noise, solve_batch
 from bafm.solvers import is_adaptive
@@ -56,6 +59,7 @@ class LocalResults:
     logits: List[Tensor] = field(default_factory=list)
     spatial: List[Tensor] = field(default_factory=list)
     rmse: List[Tensor] = field(default_factory=list)
+    ref_features: List[Tensor] = field(default_factory=list)  # the reference's, same indices (fd_ref)
     grid_idx: List[Tensor] = field(default_factory=list)
     grid: List[Tensor] = field(default_factory=list)
     uint8: List[Tensor] = field(default_factory=list)
@@ -177,6 +181,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             ref = torch.stack([cache.latents[i] for i in ids]).to(device=device, dtype=torch.float64)
             diff = (x.double() - ref).flatten(1)  # (B, C * H * W)
             out.rmse.append(diff.pow(2).mean(dim=1).sqrt().cpu())
+            out.ref_features.append(torch.stack([cache.features[i] for i in ids]))
         in_grid = idx < ctx.settings.grid_images
         out.grid_idx.append(idx[in_grid])
         if images is not None:
@@ -219,6 +224,7 @@ def reduce_point(
     logits = gather_to_rank0(cat(local.logits), idx if local.logits else idx[:0], device)
     spatial = gather_to_rank0(cat(local.spatial), idx if local.spatial else idx[:0], device)
     rmse = gather_to_rank0(cat(local.rmse), idx if local.rmse else idx[:0], device)
+    ref_feats = gather_to_rank0(cat(local.ref_features), idx if local.ref_features else idx[:0], device)
     gidx = torch.cat(local.grid_idx) if local.grid_idx else torch.zeros(0, dtype=torch.int64)
     grid_all = gather_to_rank0(cat(local.grid), gidx if local.grid else gidx[:0], device)
     u8 = gather_to_rank0(cat(local.uint8), idx, device, chunk=ctx.settings.batch_size) if ctx.keep_uint8 else None
@@ -227,9 +233,10 @@ def reduce_point(
     n = max(int(count), 1)
     # Tolerance rows report their measured mean NFE per sample; the others an integer.
     nfe = round(nfe_sum / n, 2) if point.tol is not None else int(round(nfe_sum / n))
-    row: Row = {"solver": point.solver, "grid": ctx.grid_name(point.solver), "tol": point.tol, "nfe": nfe, "steps": int(round(steps_sum / n)),
-                "fid": math.nan, "sfid": math.nan, "is": math.nan, "precision": math.nan, "recall": math.nan,
-                "traj_rmse": math.nan, "seconds": seconds_sum / n, "n_samples": int(count)}
+    row: Row = {"solver": point.solver, "grid": ctx.grid_name(point.solver), "tol": point.tol, "nfe": nfe,
+                "steps": int(round(steps_sum / n)), "fid": math.nan, "fd_ref": math.nan, "sfid": math.nan,
+                "is": math.nan, "precision": math.nan, "recall": math.nan, "traj_rmse": math.nan,
+                "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:
         return row, None, None
     convention = ctx.settings.metrics_convention
@@ -238,5 +245,9 @@ def reduce_point(
         row["is"] = inception_score(logits, splits=ctx.settings.is_splits, convention=convention)[0]
     if ctx.use_reference and rmse is not None and rmse.numel():
         row["traj_rmse"] = float(rmse.double().mean())
+    if point.solver == REFERENCE:
+        row["fd_ref"] = 0.0
+    elif ref_feats is not None:
+        row["fd_ref"] = fd_to_reference(feats, ref_feats)
     grid = image_grid(grid_all) if grid_all is not None and grid_all.shape[0] else None
     return row, grid, u8

@@ -47,8 +47,8 @@ def read_csv(path: str | Path) -> List[Dict[str, Any]]:
     return out
 
 
-METRIC_COLUMNS = ("fid", "sfid", "is", "precision", "recall", "traj_rmse", "seconds")
-SWEEP_SPECS = {"fid": ".3f", "sfid": ".3f", "is": ".3f", "precision": ".3f", "recall": ".3f", "traj_rmse": ".4g",
+METRIC_COLUMNS = ("fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse", "seconds")
+SWEEP_SPECS = {"fid": ".3f", "fd_ref": ".4g", "sfid": ".3f", "is": ".3f", "precision": ".3f", "recall": ".3f", "traj_rmse": ".4g",
                "seconds": ".4g"}
 
 
@@ -160,9 +160,29 @@ class NpzSampleWriter:
         self.written.append(atomic_write_bytes(self.folder / f"{_safe(solver)}_nfe{nfe:03d}.npz", buf.getvalue()))
 
 
+# What a reader compares first: the solver's error in distribution and per sample, then FID.
+DASHBOARD_METRICS = (("fd_ref", "FD to the reference samples"), ("traj_rmse", "trajectory RMSE"),
+                     ("fid", "FID"), ("sfid", "sFID"), ("is", "Inception score"), ("precision", "precision"),
+                     ("recall", "recall"), ("seconds", "seconds per image"))
+
+
+def sweep_layout(rows: Sequence[Row], prefix: str = "nfe_sweep") -> Dict[str, Any]:
+    """TensorBoard custom-scalars layout: one multiline chart per metric, every solver on it.
+
+    The scalars tab draws one card per tag (one per solver and metric); the "Custom Scalars"
+    tab draws these charts, so all solvers' curves against NFE share one chart.
+    """
+    present = {m for row in rows for m in METRIC_COLUMNS
+               if row.get(m) is not None and not math.isnan(float(row[m]))}
+    charts = {f"{label} vs NFE": ["Multiline", [rf"^{prefix}/{metric}/"]]
+              for metric, label in DASHBOARD_METRICS if metric in present}
+    return {f"{prefix}: all solvers against NFE": charts}
+
+
 def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, int], Tensor],
                     prefix: str = "nfe_sweep") -> None:
-    """Scalars ``<prefix>/<metric>/<solver>`` with step = NFE (one curve per solver) and grids.
+    """Scalars ``<prefix>/<metric>/<solver>`` with step = NFE (one curve per solver) and grids,
+    plus a custom-scalars layout that draws each metric for all solvers on one chart.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or Lightning's ``logger.experiment``).
@@ -179,22 +199,37 @@ def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, 
                 writer.add_scalar(f"{prefix}/{metric}/{row['solver']}", value, global_step=int(row["nfe"]))
     for (solver, nfe), grid in sorted(grids.items()):
         writer.add_image(f"{prefix}/samples/{solver}", grid.float().clamp(0, 1).cpu(), global_step=int(nfe))
+    writer.add_custom_scalars(sweep_layout(rows, prefix))
     writer.flush()
 
 
 def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title: str = "") -> Dict[str, Path]:
-    """``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``traj_rmse_vs_nfe.png``, ``grids/*.png`` in ``out_dir``.
+    """``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``fd_ref_vs_nfe.png``,
+    ``traj_rmse_vs_nfe.png``, ``grids/*.png`` in ``out_dir``.
+
+    Args:
+        rows: sweep rows.
+        grids: sample grids per ``(solver, nfe)``.
+        out_dir: destination folder.
+        title: what the sweep is (e.g. the experiment name); each plot's title adds its metric.
 
     Returns:
         Name -> path of what was written.
     """
     out = Path(out_dir)
+
+    def titled(metric: str) -> str:
+        return f"{title}: {metric} vs NFE" if title else f"{metric} vs NFE"
+
     paths = {
         "csv": atomic_write_text(out / "results.csv", rows_to_csv(rows)),
         "md": atomic_write_text(out / "results.md", markdown_table(rows)),
-        "plot": plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=title),
+        "plot": plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=titled("FID")),
+        "plot_fd_ref": plot_metric_vs_nfe(rows, out / "fd_ref_vs_nfe.png", "fd_ref",
+                                          "Fréchet distance to the reference samples",
+                                          title=titled("FD to the reference (same noises)")),
         "plot_traj": plot_metric_vs_nfe(rows, out / "traj_rmse_vs_nfe.png", "traj_rmse",
-                                        "trajectory RMSE vs. reference", title=title),
+                                        "trajectory RMSE vs. reference", title=titled("trajectory RMSE")),
     }
     save_grids(grids, out / "grids")
     paths["grids"] = out / "grids"

@@ -86,7 +86,7 @@ def sweep(
                                 num_samples=int(ec.num_samples),
                                 device=device, progress=progress, sample_sink=sink)
         if rank == 0:
-            write_reports(result.rows, result.grids, dest, title=f"{cfg.name}: FID vs NFE")
+            write_reports(result.rows, result.grids, dest, title=cfg.name)
             atomic_write_text(dest / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
             _log_tensorboard(dest / "tensorboard", result)
             if print_table:

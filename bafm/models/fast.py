@@ -122,10 +122,12 @@ class FastVelocity(nn.Module):
         self.chain = FallbackChain(chain, type(module).__name__, on_drop=restore)
 
     # Cores: cast the big state tensors in, run the network, cast the result back to the caller's dtype.
-    def _side_offset_velocity(self, x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
+    def _side_offset_velocity(self, x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor,
+                              features: Optional[Tensor] = None) -> Tensor:
         """SideNet: the offset in the network's dtype, ``v + offset`` in the caller's."""
+        extra = () if features is None else (features.to(self.dtype or features.dtype),)
         offset = self.module(_to_layout(x, self.dtype, self.channels_last),
-                             _to_layout(v, self.dtype, self.channels_last), t, h, y)  # fmt: skip
+                             _to_layout(v, self.dtype, self.channels_last), t, h, y, *extra)  # fmt: skip
         return v + offset.to(dtype=v.dtype, memory_format=torch.contiguous_format)
 
     def _side_generic_velocity(self, x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
@@ -149,15 +151,18 @@ class FastVelocity(nn.Module):
         """Warnings of fast paths that failed and were dropped (empty when all went well)."""
         return self.chain.fallbacks
 
-    def velocity(self, *args: Any) -> Tensor:
+    def velocity(self, *args: Any, features: Optional[Tensor] = None) -> Tensor:
         """The wrapped model's ``velocity(*args)``, through the fast path, without gradients.
+
+        ``features=`` (backbone tokens for a SideNet that reads them) is passed on as the last
+        positional argument.
 
         With an explicit ``dtype`` the network runs in it, so a caller's autocast region (the
         training loss) is switched off inside: it would only add casts to float32 and back.
         """
         autocast = torch.autocast(self._device_type, enabled=False) if self.dtype is not None else nullcontext()
         with torch.no_grad(), autocast:
-            return self.chain(*args)
+            return self.chain(*args) if features is None else self.chain(*args, features)
 
     def forward(self, *args: Any) -> Tensor:
         """Same as :meth:`velocity`."""
@@ -274,9 +279,10 @@ def training_velocity(sidenet: nn.Module, *, compile: bool, mode: str = "max-aut
     if channels_last:
         sidenet.to(memory_format=torch.channels_last)
 
-    def velocity(x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
+    def velocity(x: Tensor, v: Tensor, t: Tensor, h: Tensor, y: Tensor, features: Optional[Tensor] = None) -> Tensor:
         """``sidenet.velocity`` on channels-last inputs, returned contiguous."""
-        out = sidenet.velocity(_to_layout(x, None, channels_last), _to_layout(v, None, channels_last), t, h, y)
+        out = sidenet.velocity(_to_layout(x, None, channels_last), _to_layout(v, None, channels_last), t, h, y,
+                               features)  # fmt: skip
         return out.contiguous()
 
     chain: List[Tuple[str, Callable[..., Tensor]]] = [("eager", velocity)]

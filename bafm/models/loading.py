@@ -39,7 +39,8 @@ _SIT_FIELDS = (
     "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
     "num_classes", "learn_sigma", "projector_dims", "projector_hidden", "qk_norm",
 )  # fmt: skip
-_SIDENET_FIELDS = ("in_channels", "channels", "emb_dim", "depth", "num_heads", "num_classes", "frequency_dim")
+_SIDENET_FIELDS = ("in_channels", "channels", "emb_dim", "depth", "num_heads", "num_classes", "frequency_dim",
+                   "feature_dim", "feature_layer")
 
 
 def _require(state: Mapping[str, torch.Tensor], keys: tuple[str, ...], path: str | Path, what: str) -> None:
@@ -273,6 +274,8 @@ def infer_sidenet_config(state: Mapping[str, torch.Tensor], path: str | Path = "
         depth=len(block_indices(state)),
         num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
         frequency_dim=frequency_dim,
+        # Backbone-feature SideNets (bafm only); the release's have no feature maps.
+        feature_dim=state["feature_map.weight"].shape[1] if "feature_map.weight" in state else 0,
     )
 
 

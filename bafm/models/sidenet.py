@@ -11,11 +11,19 @@ Computation and parameter names follow the BA-solver release (HKUST-LongGroup/BA
   ``(1 + scale, shift)`` from the fused embedding (``scale`` first in the projection);
 * a final RMSNorm, SiLU and zero-initialised 3x3 output conv give a velocity change that is
   multiplied by ``h``, so ``S(x, v, t, 0) = v`` exactly and training starts at ``S = v``.
+
+Beyond the release, a SideNet built with ``feature_dim > 0`` also reads the backbone's hidden
+tokens at the anchor (``bafm.models.anchor_features``): every SideNet call in a BA step sits where
+the backbone was just evaluated, so these features cost no backbone call. They enter twice, both
+through zero-initialised linear maps (training starts from the feature-free network): per token,
+added to the input conv's output on the token's patch, and mean-pooled, added to the fused
+embedding. ``feature_dim = 0`` is the release architecture, whose checkpoints load unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,10 @@ from bafm.models.layers import LabelEmbedder, TimestepEmbedder
 def is_channels_last(x: torch.Tensor) -> bool:
     """True when ``(B, C, H, W)`` is stored channels-last (NHWC) and not also plain contiguous."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def channel_rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -130,6 +142,8 @@ class SideNet(nn.Module):
         num_heads: int = 4,
         num_classes: int = 1000,
         frequency_dim: int = 256,
+        feature_dim: int = 0,
+        feature_layer: int = -1,
     ) -> None:
         """Build the SideNet (release initialisation: PyTorch defaults, zero output conv).
 
@@ -141,6 +155,10 @@ class SideNet(nn.Module):
             num_heads: attention heads (``channels`` must be divisible by it).
             num_classes: real classes; the null class id is ``num_classes``.
             frequency_dim: width of the sinusoidal t/h features.
+            feature_dim: width ``D`` of the backbone tokens read at the anchor; 0 for none (the
+                release architecture).
+            feature_layer: index of the backbone block whose output tokens are read (negative
+                counts from the last); recorded for the sampler, unused without features.
 
         Raises:
             ValueError: on an inconsistent configuration.
@@ -148,6 +166,8 @@ class SideNet(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"SideNet depth must be >= 1, got {depth}")
+        if feature_dim < 0:
+            raise ValueError(f"SideNet feature_dim must be >= 0 (0: no backbone features), got {feature_dim}")
         self.config: Dict[str, Any] = dict(
             in_channels=in_channels,
             channels=channels,
@@ -156,7 +176,11 @@ class SideNet(nn.Module):
             num_heads=num_heads,
             num_classes=num_classes,
             frequency_dim=frequency_dim,
+            feature_dim=feature_dim,
+            feature_layer=feature_layer,
         )
+        self.feature_dim = feature_dim
+        self.feature_layer = feature_layer
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim)
@@ -173,13 +197,48 @@ class SideNet(nn.Module):
             for i in range(depth)
         )
         self.output_conv = nn.Conv2d(channels, in_channels, 3, padding=1)
-        # Zero output: the SideNet starts as the identity S(x, v, t, h) = v.
+        if feature_dim:
+            self.feature_map = nn.Linear(feature_dim, channels)  # per token -> its patch's pixels
+            self.feature_emb = nn.Linear(feature_dim, emb_dim)  # pooled -> the fused embedding
+        # Zero output: the SideNet starts as the identity S(x, v, t, h) = v; zero feature maps:
+        # training starts from the feature-free network.
         if not self.output_conv.weight.is_meta:
-            nn.init.zeros_(self.output_conv.weight)
-            nn.init.zeros_(self.output_conv.bias)
+            zeroed = [self.output_conv] + ([self.feature_map, self.feature_emb] if feature_dim else [])
+            for layer in zeroed:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    @property
+    def uses_backbone_features(self) -> bool:
+        """Whether ``velocity`` needs the backbone's tokens at the anchor (``features=``)."""
+        return self.feature_dim > 0
+
+    def _feature_inputs(self, features: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone tokens ``(B, T, D)`` -> a ``(B, channels, H, W)`` map and a ``(B, E)`` embedding.
+
+        Token ``(i, j)`` of the ``g x g`` token grid covers the ``p x p`` pixels of its patch
+        (``p = H / g``), so its projection is repeated over them.
+        """
+        if features is None or features.dim() != 3 or features.shape[0] != like.shape[0]:
+            got = "None" if features is None else f"shape {tuple(features.shape)}"
+            raise ValueError(
+                f"this SideNet reads backbone features (feature_dim {self.feature_dim}): pass features= "
+                f"of shape ({like.shape[0]}, T, {self.feature_dim}), got {got}"
+            )
+        B, T, _ = features.shape
+        H, W = like.shape[-2:]
+        g = math.isqrt(T)
+        if g * g != T or H % g or W % g:
+            raise ValueError(f"backbone features have {T} tokens, which do not tile a {H}x{W} latent")
+        features = features.to(self.feature_map.weight.dtype)
+        tokens = self.feature_map(features)  # (B, T, channels)
+        grid = tokens.transpose(1, 2).reshape(B, -1, g, g)  # (B, channels, g, g)
+        spatial = grid.repeat_interleave(H // g, dim=2).repeat_interleave(W // g, dim=3)  # (B, channels, H, W)
+        return spatial, self.feature_emb(features.mean(dim=1))
 
     def forward(
-        self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, y: torch.Tensor
+        self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, y: torch.Tensor,
+        features: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Velocity offset ``S(x, v, t, h) - v``.
 
@@ -189,6 +248,8 @@ class SideNet(nn.Module):
             t: times in ``[0, 1]``, shape ``(B,)``.
             h: signed offsets (``t - h`` is the target time), shape ``(B,)``.
             y: int64 labels, null class ``num_classes``, shape ``(B,)``.
+            features: the backbone's tokens at ``(x, t)``, ``(B, T, feature_dim)``; required when
+                ``feature_dim > 0``, ignored otherwise.
 
         Returns:
             The offset, proportional to ``h``, shape ``(B, C, H, W)``.
@@ -199,13 +260,18 @@ class SideNet(nn.Module):
         emb = torch.cat([self.t_embedder(t), self.h_embedder(h), self.y_embedder(y)], dim=-1)  # (B, 3E)
         emb = self.emb_fusion(emb)  # (B, E)
         feat = self.input_conv(torch.cat([x, v], dim=1))  # (B, channels, H, W)
+        if self.feature_dim:
+            spatial, pooled = self._feature_inputs(features, x)
+            feat = feat + spatial.to(feat.dtype).contiguous(memory_format=_layout(feat))
+            emb = emb + pooled.to(emb.dtype)
         for block in self.blocks:
             feat = block(feat, emb)
         delta = self.output_conv(F.silu(channel_rms_norm(feat)))  # (B, C, H, W)
         return delta * h.reshape(-1, 1, 1, 1).to(delta.dtype)
 
     def velocity(
-        self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, y: torch.Tensor
+        self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, y: torch.Tensor,
+        features: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Estimated velocity at time ``t - h``: ``v + forward(x, v, t, h, y)``.
 
@@ -215,8 +281,9 @@ class SideNet(nn.Module):
             t: times in ``[0, 1]``, shape ``(B,)``.
             h: signed offsets, shape ``(B,)``; ``h = 0`` returns ``v`` exactly.
             y: int64 labels, shape ``(B,)``.
+            features: backbone tokens at the anchor (see ``forward``).
 
         Returns:
             Velocity estimate at ``t - h``, shape ``(B, C, H, W)``.
         """
-        return v + self.forward(x, v, t, h, y)
+        return v + self.forward(x, v, t, h, y, features)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from bafm.solvers.base import GridLike, SideFn, SolveResult, VelocityFn, check_grid, register
 from bafm.solvers.bi_anchor import LOBATTO_ALPHA, LOBATTO_W_END, LOBATTO_W_IN, _require_side_fn
-from bafm.solvers.counting import CallCounter
+from bafm.solvers.counting import CallCounter, select_rows
 
 
 def _rows(value: Tensor, like: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def ba_adaptive(
                           "active": active.clone()})
         keep = _rows(ok, x).bool()
         x = torch.where(keep, x_corr, x)
-        v = torch.where(keep, v_next, v)
+        v = select_rows(side, ok, v_next, v)  # the closure selects what the SideNet reads with it
         t = torch.where(ok, t_next, t)
         size = torch.where(active, step * factor, size)
         accepted += ok.long()

@@ -6,10 +6,54 @@ reports what the counter saw.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+def stack_rows(k: int, *tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """``k`` copies of each batch-first tensor stacked along dim 0 (None stays None).
+
+    How one SideNet call serves ``k`` offsets from the same anchor: row ``j * B + i`` is sample
+    ``i`` for offset ``j``, so the result splits back with ``out.split(B)``.
+    """
+    return [None if x is None else (x if k == 1 else torch.cat([x] * k)) for x in tensors]
+
+
+def select_rows(side_fn: Any, keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample choice between two velocities: ``a`` where ``keep`` (``(B,)`` bool), else ``b``.
+
+    A SideNet closure that keeps what each backbone call left for it (the guided raw pair, the
+    backbone's features) selects those rows too, through its ``select`` method; a plain closure
+    needs only the velocities.
+    """
+    own = getattr(getattr(side_fn, "fn", side_fn), "select", None)
+    if own is not None:
+        return own(keep, a, b)
+    return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+def stack_rows(k: int, *tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """``k`` copies of each batch-first tensor stacked along dim 0 (None stays None).
+
+    How one SideNet call serves ``k`` offsets from the same anchor: row ``j * B + i`` is sample
+    ``i`` for offset ``j``, so the result splits back with ``out.split(B)``.
+    """
+    return [None if x is None else (x if k == 1 else torch.cat([x] * k)) for x in tensors]
+
+
+def select_rows(side_fn: Any, keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample choice between two velocities: ``a`` where ``keep`` (``(B,)`` bool), else ``b``.
+
+    A SideNet closure that keeps what each backbone call left for it (the guided raw pair, the
+    backbone's features) selects those rows too, through its ``select`` method; a plain closure
+    needs only the velocities.
+    """
+    own = getattr(getattr(side_fn, "fn", side_fn), "select", None)
+    if own is not None:
+        return own(keep, a, b)
+    return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)
 
 
 def probe(
@@ -38,7 +82,8 @@ def probe(
     k = len(offsets)
     if k == 1:
         return [side_fn(x, v, t, offsets[0])]
-    out = side_fn(torch.cat([x] * k), torch.cat([v] * k), t.repeat(k), torch.cat(list(offsets)))
+    xs, vs, ts = stack_rows(k, x, v, t)
+    out = side_fn(xs, vs, ts, torch.cat(list(offsets)))
     if out.shape[0] != k * x.shape[0]:
         raise ValueError(
             f"side_fn returned batch {out.shape[0]} for a stacked probe of {k} x {x.shape[0]} rows"

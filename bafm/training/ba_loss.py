@@ -15,10 +15,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from bafm.models.anchor_features import AnchorFn, plain_anchor
 from bafm.solvers.bi_anchor import gauss_legendre
+from bafm.solvers.counting import stack_rows
 
 BackboneVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-SideVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SideVelocity = Callable[..., torch.Tensor]  # (x, v, t, h, y[, features]) -> velocity at t - h
 
 # 3-point Gauss-Legendre rule on [0, 1]: nodes 1/2 -+ sqrt(15)/10, weights 5/18, 8/18, 5/18.
 GL3_NODES, GL3_WEIGHTS = gauss_legendre(3)
@@ -72,26 +74,36 @@ def gauss_legendre_step(
     t: torch.Tensor,
     h: torch.Tensor,
     y: torch.Tensor,
+    features: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Move ``x`` from ``t`` to ``t - h`` with the SideNet's estimates at the 3 GL nodes.
 
     The three node estimates are one SideNet call on a stacked batch.
 
     Args:
-        side_velocity: ``(x, v, t, h, y) -> velocity at t - h``.
+        side_velocity: ``(x, v, t, h, y[, features]) -> velocity at t - h``.
         x, v: state and its backbone velocity at ``t``, shape ``(B, ...)``.
         t, h: times and signed offsets, shape ``(B,)``.
         y: labels, shape ``(B,)``.
+        features: the backbone's tokens at ``(x, t)`` for a SideNet that reads them, else None.
 
     Returns:
         The state at ``t - h``, shape ``(B, ...)``.
     """
     n = len(GL3_NODES)
     offsets = torch.cat([c * h for c in GL3_NODES])
-    estimates = side_velocity(x.repeat(n, *([1] * (x.dim() - 1))), v.repeat(n, *([1] * (v.dim() - 1))),
-                              t.repeat(n), offsets, y.repeat(n))
+    xs, vs, ts, ys, fs = stack_rows(n, x, v, t, y, features)
+    estimates = _side(side_velocity, xs, vs, ts, offsets, ys, fs)
     v_bar = sum(w * e for w, e in zip(GL3_WEIGHTS, estimates.chunk(n)))
     return x - _per_sample(h, x) * v_bar
+
+
+def _side(side_velocity: SideVelocity, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
+          y: torch.Tensor, features: Optional[torch.Tensor]) -> torch.Tensor:
+    """One SideNet call; ``features=`` only for a SideNet that reads the backbone's tokens."""
+    if features is None:
+        return side_velocity(x, v, t, h, y)
+    return side_velocity(x, v, t, h, y, features)
 
 
 def chain_loss(
@@ -101,16 +113,22 @@ def chain_loss(
     y: torch.Tensor,
     cfg: ChainLossConfig,
     generator: Optional[torch.Generator] = None,
+    *,
+    anchor: Optional[AnchorFn] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """BA loss of one batch: mean over K links of the SideNet's velocity MSE.
 
     Args:
         backbone_velocity: frozen backbone ``(x, t, y) -> v`` (called without gradient).
-        side_velocity: trainable SideNet ``(x, v, t, h, y) -> v_hat at t - h``.
+        side_velocity: trainable SideNet ``(x, v, t, h, y[, features]) -> v_hat at t - h``.
         x0: clean latents, shape ``(B, C, H, W)``.
         y: labels after label dropout, shape ``(B,)`` (null class = unconditional).
         cfg: chain knobs.
         generator: random generator on ``x0``'s device (per-step seeding makes resumes exact).
+        anchor: ``(x, t, y) -> (v, features)`` used for every backbone call instead of
+            ``backbone_velocity`` when the SideNet reads the backbone's tokens
+            (``bafm.models.anchor_features``); each link's features come from the call that gave
+            its ``v``, so they cost no extra backbone call.
 
     Returns:
         ``(loss, stats)``: the scalar loss and detached diagnostics (``mse_identity``: the same
@@ -122,20 +140,21 @@ def chain_loss(
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     tb = _per_sample(t, x0)
     x = (1.0 - tb) * x0 + tb * noise
+    anchor = anchor or plain_anchor(backbone_velocity)
     with torch.no_grad():
-        v = backbone_velocity(x, t, y)
+        v, features = anchor(x, t, y)
     losses, identity, offsets = [], [], []
     for _ in range(cfg.links):
         h = sample_signed_offsets(t, cfg.offset_rate, cfg.p_backward, generator)
-        x_next = gauss_legendre_step(side_velocity, x, v, t, h, y)
+        x_next = gauss_legendre_step(side_velocity, x, v, t, h, y, features)
         t_next = t - h
         with torch.no_grad():
-            target = backbone_velocity(x_next, t_next, y)
-        prediction = side_velocity(x, v, t, h, y)
+            target, next_features = anchor(x_next, t_next, y)
+        prediction = _side(side_velocity, x, v, t, h, y, features)
         losses.append(F.mse_loss(prediction.float(), target.float()))
         identity.append(F.mse_loss(v.float(), target.float()).detach())
         offsets.append(h.abs().mean())
-        x, v, t = x_next, target, t_next
+        x, v, t, features = x_next, target, t_next, next_features
     loss = torch.stack(losses).mean()
     stats = {
         "mse_identity": torch.stack(identity).mean(),

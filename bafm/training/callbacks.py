@@ -9,8 +9,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from bafm.eval.report import DASHBOARD_METRICS
 from bafm.io import atomic_write_text
 
+CALLBACK_METRICS = ("fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse")
 # device -> the sweep engine (its feature extractor and reference statistics built on that device).
 EngineFactory = Callable[[torch.device], Any]
 
@@ -20,11 +22,12 @@ class NFESweepCallback(Callback):
 
     For each solver in ``eval.callback_solvers`` and budget in ``eval.callback_budgets`` it runs
     the evaluation engine on ``eval.callback_num_samples`` fixed per-sample seeds and logs
-    ``sweep/<metric>/<solver>_nfe<N>`` (FID, sFID with Inception, IS, precision, recall,
-    trajectory RMSE) and sample grids to
-    TensorBoard, plus a CSV per evaluation in ``out_dir`` (``runs/<experiment>/train_sweeps/``).
-    Samples are split across ranks by the engine; only rank 0 writes. Its plan was checked with the
-    config (``bafm.plans.callback_plan``).
+    ``sweep/<metric>/<solver>_nfe<N>`` (FID, ``fd_ref``, sFID with Inception, IS, precision,
+    recall, trajectory RMSE) and sample grids to TensorBoard, plus a CSV per evaluation in ``out_dir``
+    (``runs/<experiment>/train_sweeps/``). A custom-scalars layout puts every solver at one budget
+    on one chart per metric (``BA vs baselines`` in TensorBoard's "Custom Scalars" tab). Samples
+    are split across ranks by the engine; only rank 0 writes. Its plan was checked with the config
+    (``bafm.plans.callback_plan``).
 
     At the end of training the final weights are swept once more (unless the last step was just
     swept) when a scheduled sweep fell due during the run (``global_step >= every_n_steps``) or
@@ -51,6 +54,19 @@ class NFESweepCallback(Callback):
             # Builds the feature extractor and reference statistics now, so missing files fail
             # before the first training step.
             self._engine = self.build_engine(pl_module.device)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if trainer.is_global_zero and hasattr(experiment, "add_custom_scalars"):
+                experiment.add_custom_scalars(self.layout())
+
+    def layout(self) -> Dict[str, Any]:
+        """Custom-scalars charts: per metric and budget, every callback solver over training steps."""
+        ec = self.evaluation
+        charts = {}
+        for metric, label in DASHBOARD_METRICS:
+            if metric in CALLBACK_METRICS:
+                for nfe in ec.callback_budgets:
+                    charts[f"{label} at {nfe} NFE"] = ["Multiline", [rf"^sweep/{metric}/.*_nfe{int(nfe)}$"]]
+        return {"BA vs baselines during training": charts}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -99,7 +115,7 @@ class NFESweepCallback(Callback):
         metrics = {}
         for row in result.rows:
             tag = f"{row['solver']}_nfe{row['nfe']}"
-            for key in ("fid", "sfid", "is", "precision", "recall", "traj_rmse"):
+            for key in CALLBACK_METRICS:
                 if row.get(key) is not None:
                     metrics[f"sweep/{key}/{tag}"] = float(row[key])
         for logger in trainer.loggers:
@@ -110,5 +126,5 @@ class NFESweepCallback(Callback):
                 experiment.add_image(f"samples/{solver}_nfe{nfe}", grid, global_step=step)
         atomic_write_text(self.out_dir / f"step{step:07d}.csv", rows_to_csv(result.rows))
         summary = ", ".join(f"{k.split('/', 2)[2]} {k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
-                            if k.startswith("sweep/fid/"))
+                            if k.startswith(("sweep/fd_ref/", "sweep/traj_rmse/")))
         pl_module.print(f"[step {step}] NFE sweep: {summary}")

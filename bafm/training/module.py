@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bafm.models.anchor_features import anchor_for, uses_backbone_features
 from bafm.models.layers import count_parameters, drop_labels
+from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
+from bafm.training.side_error import ProbeSet, build_probe_set, side_relative_error, summarize
 
 BACKBONE_PREFIX = "backbone."
 
@@ -37,6 +40,8 @@ class SideNetModule(L.LightningModule):
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up.
         ema_decay: EMA decay of the SideNet weights.
         seed: run seed; each step's randomness is derived from (seed, step, rank).
+        side_error_samples: held-out noises for ``val/side_rel_err`` (0: not measured).
+        side_error_budgets: NFE budgets whose uniform grids' SideNet offsets it measures.
         hparams: the experiment config as a plain dict, logged and stored with checkpoints.
     """
 
@@ -54,6 +59,8 @@ class SideNetModule(L.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.9996,
         seed: int = 0,
+        side_error_samples: int = 0,
+        side_error_budgets: Sequence[int] = (5, 10),
         hparams: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
@@ -64,12 +71,17 @@ class SideNetModule(L.LightningModule):
         # and put that copy into every checkpoint, which must never hold backbone weights.
         self.ema = AveragedModel(sidenet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        # Backbone calls of the chain loss; with the backbone's tokens for a SideNet that reads them.
+        self.anchor = anchor_for(self.backbone, sidenet) if uses_backbone_features(sidenet) else None
         self.num_classes = num_classes
         self.loss_cfg = loss
         self.label_dropout = label_dropout
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps = warmup_steps
         self.seed = seed
+        self.side_error_samples = int(side_error_samples)
+        self.side_error_budgets = tuple(int(b) for b in side_error_budgets)
+        self._probes: Optional[ProbeSet] = None  # exact-ODE anchors, built at the first validation
         self.save_hyperparameters(hparams or {})
         # Read by ThroughputMonitor; FLOPs are not counted, it logs batches and images per second.
         self.flops_per_batch: Optional[int] = None
@@ -108,7 +120,8 @@ class SideNetModule(L.LightningModule):
         x0, y = batch["latent"], batch["cls"]
         generator = self._generator()
         y = drop_labels(y, self.label_dropout, self.num_classes, generator)
-        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator)
+        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator,
+                                 anchor=self.anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite SideNet loss ({loss.item()}) at step {self.global_step}; training stopped. "
@@ -119,6 +132,32 @@ class SideNetModule(L.LightningModule):
         self.log("train/mse_identity", stats["mse_identity"], batch_size=batch_size)
         self.log("train/offset_abs", stats["offset_abs"], batch_size=batch_size)
         return loss
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The chain loss of the EMA SideNet on a fixed validation batch (same draws at every validation)."""
+        x0, y = batch["latent"], batch["cls"]
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(step_seed(self.seed, -1 - batch_idx, self.global_rank))  # never a training step's
+        y = drop_labels(y, self.label_dropout, self.num_classes, generator)
+        loss, stats = chain_loss(self.backbone.velocity, self.ema_sidenet.velocity, x0, y, self.loss_cfg, generator,
+                                 anchor=self.anchor)
+        batch_size = x0.shape[0]
+        self.log("val/loss", loss, batch_size=batch_size, sync_dist=True)
+        self.log("val/loss_over_identity", loss / stats["mse_identity"].clamp_min(1e-12), batch_size=batch_size,
+                 sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/side_rel_err`` (mean and worst over the probes) of the EMA SideNet."""
+        if self.side_error_samples <= 0 or self.trainer.sanity_checking:
+            return
+        if self._probes is None:
+            self._probes = build_probe_set(
+                self.backbone, self.ema_sidenet, latent_shape(self.backbone), num_samples=self.side_error_samples,
+                budgets=self.side_error_budgets, device=self.device)
+        summary = summarize(side_relative_error(self.ema_sidenet, self._probes))
+        self.log("val/side_rel_err", summary["mean"], sync_dist=True)
+        self.log("val/side_rel_err_worst", summary["worst"], sync_dist=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.sidenet)

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from bafm.config import ExperimentConfig, exported_sidenet_path, missing_backbone, run_dir, to_container
 from bafm.io import atomic_write_text
 from bafm.models.loading import load_backbone, save_sidenet
+from bafm.models.anchor_features import feature_width
 from bafm.models.sidenet import SideNet
 from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig
@@ -52,15 +53,26 @@ def build_trainer(cfg: ExperimentConfig, callbacks: List[Callback]) -> L.Trainer
         fast_dev_run=tc.fast_dev_run, deterministic=tc.deterministic,
         enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
         use_distributed_sampler=False,  # the WebDataset loader splits by node itself
-        limit_val_batches=0,  # quality is measured by the NFE-sweep callback, not a val loss
+        **validation_options(tc),
     )
 
 
-def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> SideNet:
-    """The trainable SideNet of ``cfg.sidenet``."""
+def validation_options(tc: Any) -> Dict[str, Any]:
+    """Lightning's validation loop: a fixed subset of the val split every ``val_every_n_steps`` steps."""
+    if tc.val_every_n_steps <= 0:
+        return {"limit_val_batches": 0}
+    # Counted in training batches (the training loader has no epochs), no sanity pass.
+    return {"limit_val_batches": int(tc.val_batches), "val_check_interval": int(tc.val_every_n_steps),
+            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0}
+
+
+def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int, feature_dim: int = 0) -> SideNet:
+    """The trainable SideNet of ``cfg.sidenet``; ``feature_dim``: the backbone's token width when
+    ``sidenet.backbone_features`` is on."""
     sc = cfg.sidenet
     sidenet = SideNet(in_channels=in_channels, channels=sc.channels, emb_dim=sc.emb_dim, depth=sc.depth,
-                      num_heads=sc.num_heads, num_classes=num_classes)
+                      num_heads=sc.num_heads, num_classes=num_classes,
+                      feature_dim=feature_dim if sc.backbone_features else 0, feature_layer=sc.feature_layer)
     # NHWC activations: fused channel RMSNorm and faster (depthwise) convolutions, CPU and GPU.
     return sidenet.to(memory_format=torch.channels_last) if sc.channels_last else sidenet
 
@@ -102,14 +114,16 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     except ValueError as err:  # a one-line answer, not a traceback: nothing has started yet
         print(f"bafm train: {err}", file=sys.stderr)
         return 2
-    sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes)
+    features = feature_width(backbone, cfg.sidenet.feature_layer) if cfg.sidenet.backbone_features else 0
+    sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes, features)
     lc = cfg.loss
     module = SideNetModule(
         backbone, sidenet, num_classes=backbone.num_classes,
         loss=ChainLossConfig(links=lc.links, offset_rate=lc.offset_rate, p_backward=lc.p_backward),
         label_dropout=lc.label_dropout, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
-        seed=cfg.seed, hparams=to_container(cfg),
+        seed=cfg.seed, side_error_samples=cfg.trainer.side_error_samples,
+        side_error_budgets=tuple(cfg.eval.callback_budgets), hparams=to_container(cfg),
     )
     callbacks: List[Callback] = [
         FiniteModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
