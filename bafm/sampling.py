@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bafm.models.anchor_features import AnchorFn, anchor_for, uses_backbone_features
 from bafm.models.guidance import DEFAULT_GUIDANCE_INTERVAL, BackboneVelocity, SideVelocity, build_sampling_fns
 from bafm.solvers import SideFn, SolveResult, VelocityFn, get_solver, is_adaptive, uses_side_fn
-from bafm.solvers.grids import GridSpec, solve_grid, time_grid
+from bafm.solvers.grids import GridSpec, solve_grid
 from bafm.solvers.ground_truth import Reference
 
 # The name of the reference row of a sweep or an edit, whichever solver the ``Reference`` uses.
@@ -122,6 +122,14 @@ def sample_labels(indices: Sequence[int] | Tensor, num_classes: int, device: tor
     return (idx % int(num_classes)).to(device)
 
 
+def sample_inputs(
+    indices: Sequence[int] | Tensor, shape: Sequence[int], seed: int, num_classes: int,
+    device: torch.device | str = "cpu",
+) -> Tuple[Tensor, Tensor]:
+    """Noise ``(B, *shape)`` (``sample_noise``) and labels ``(B,)`` (``sample_labels``) of global sample indices."""
+    return sample_noise(indices, shape, seed, device=device), sample_labels(indices, num_classes, device=device)
+
+
 def grid_label(solver: str, sampling: SamplingSettings) -> str:
     """A result row's ``grid`` column: ``adaptive`` for a solver that picks its own steps, else
     ``sampling.grid``, with its shift for ``shift`` (``"shift:3"``)."""
@@ -187,12 +195,12 @@ def integrate(
             ``(B, ...)``, ``t`` ``(B,)``.
         x: start state ``(B, ...)``: noise at ``t = 1``, or data at ``t = 0`` when ``increasing``.
         solver: registry name.
-        nfe: backbone calls to spend (None for ``reference``, or with an explicit grid).
+        nfe: backbone calls to spend (None for an adaptive solver, or with an explicit grid).
         side_fn: ``side_fn(x, v, t, h)`` for the SideNet solvers; ignored by the others.
         grid: grid kind or explicit grid (see ``solve_grid``).
         shift: time shift of ``"shift"`` grids.
         increasing: False generates (``t`` from 1 down to 0), True inverts (0 up to 1).
-        **solver_options: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
+        **solver_options: passed to the solver (e.g. ``rtol``/``atol`` of an adaptive one).
 
     Returns:
         The solver's ``SolveResult``; ``x`` is the state ``(B, ...)`` at the grid's end.
@@ -213,38 +221,48 @@ def solve_batch(
     backbone: nn.Module,
     sidenet: Optional[nn.Module],
     solver: str,
-    steps: int,
-    noise: Tensor,
+    x: Tensor,
     labels: Tensor,
     sampling: SamplingSettings,
-    t_grid: Optional[Tensor] = None,
+    *,
+    nfe: Optional[int] = None,
+    grid: Optional[GridSpec] = None,
+    increasing: bool = False,
+    reference: Optional[Reference] = None,
     **solver_opts: Any,
 ) -> SolveResult:
-    """Integrate one batch from noise (``t = 1``) to data (``t = 0``) in ``steps`` intervals.
+    """Integrate one batch of a backbone (and SideNet) between noise and data, either way.
+
+    The closures of ``sampling_fns`` (labels, guidance, SideNet) on the grid of ``integrate``: the
+    one path that the sweep, the training callback, the grid search and edit sample on.
 
     Args:
         backbone: module with ``velocity(x, t, y)`` and ``num_classes`` (null class id).
         sidenet: module with ``velocity(x, v, t, h, y)``; required by the SideNet solvers (``uses_side_fn``).
-        solver: name in ``SOLVERS``.
-        steps: grid intervals.
-        noise: ``(B, C, H, W)`` starting state.
+        solver: registry name, or ``"reference"`` with ``reference`` (the configured ground truth).
+        x: ``(B, C, H, W)`` noise at ``t = 1``, or data at ``t = 0`` when ``increasing``.
         labels: ``(B,)`` int64 class labels.
-        sampling: grid and guidance.
-        t_grid: an explicit grid (e.g. an optimized one) instead of ``time_grid(...)``.
-        **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
+        sampling: guidance, and the grid kind (``sampling.grid``, ``sampling.shift``) when ``grid`` is None.
+        nfe: NFE budget of the solve (None for an adaptive solver, or to take the steps from ``grid``).
+        grid: an explicit grid in either orientation (e.g. an optimized one), or a grid kind.
+        increasing: False generates (``t`` from 1 down to 0), True inverts (0 up to 1).
+        reference: the ground truth's solver and options, used when ``solver`` is ``"reference"``.
+        **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` of an adaptive one).
 
     Returns:
-        The solver's ``SolveResult`` (``x``: ``(B, C, H, W)`` latents at ``t = 0``).
+        The solver's ``SolveResult`` (``x``: ``(B, C, H, W)`` at the grid's end).
     """
+    if solver == REFERENCE and reference is not None:
+        solver, grid, nfe = reference.solver, reference.grid(device=x.device), None
+        solver_opts = {**reference.options(), **solver_opts}
     velocity_fn, side_fn = sampling_fns(
         solver, backbone.velocity, labels, null_class=int(backbone.num_classes),
         side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=float(sampling.cfg_scale),
         interval=sampling.guidance_interval,
         anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None,
     )  # fmt: skip
-    if t_grid is None:
-        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device)
-    return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
+    return integrate(velocity_fn, x, solver, nfe, side_fn, sampling.grid if grid is None else grid,
+                     shift=sampling.shift, increasing=increasing, **solver_opts)
 
 
 def reference_solve(
@@ -262,40 +280,37 @@ def reference_solve(
     Returns:
         The ``SolveResult``; ``nfe`` as counted.
     """
-    return solve_batch(backbone, None, reference.solver, 0, noise, labels, sampling,
-                       t_grid=reference.grid(device=noise.device), **reference.options())
+    return solve_batch(backbone, None, REFERENCE, noise, labels, sampling, reference=reference)
 
 
 def generate(
     backbone: nn.Module,
     sidenet: Optional[nn.Module],
     solver: str,
-    steps: int,
     indices: Sequence[int] | Tensor,
     seed: int,
     sampling: SamplingSettings,
+    *,
     device: torch.device | str = "cpu",
     shape: Optional[Sequence[int]] = None,
-    **solver_opts: Any,
+    **solve_options: Any,
 ) -> SolveResult:
-    """Samples for given global indices: per-sample noise, cyclic labels, one solve.
+    """Samples for given global indices: per-sample noise, cyclic labels, one ``solve_batch``.
 
     Args:
         backbone: see ``solve_batch``.
         sidenet: see ``solve_batch``.
-        solver: name in ``SOLVERS``.
-        steps: grid intervals.
+        solver: see ``solve_batch``.
         indices: global sample indices ``(B,)``.
         seed: base seed.
         sampling: grid and guidance.
         device: where to sample.
         shape: latent shape ``(C, H, W)``; read from the backbone when None.
-        **solver_opts: passed to the solver.
+        **solve_options: ``solve_batch``'s keywords (``nfe``, ``grid``, ``reference``, solver options).
 
     Returns:
         The ``SolveResult``; ``x`` is ``(B, C, H, W)``.
     """
     shape = tuple(shape) if shape is not None else latent_shape(backbone)
-    noise = sample_noise(indices, shape, seed, device=device)
-    labels = sample_labels(indices, int(backbone.num_classes), device=device)
-    return solve_batch(backbone, sidenet, solver, steps, noise, labels, sampling, **solver_opts)
+    noise, labels = sample_inputs(indices, shape, seed, int(backbone.num_classes), device=device)
+    return solve_batch(backbone, sidenet, solver, noise, labels, sampling, **solve_options)

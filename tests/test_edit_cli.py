@@ -231,20 +231,22 @@ def test_edit_runs_on_optimized_grids_from_the_grid_file(repo_root, tiny, tmp_pa
 
 def test_edit_solves_ba_adaptive_at_eval_tolerances_and_the_reference_as_configured(repo_root, tiny, tmp_path,
                                                                                       monkeypatch):
-    import bafm.editing.edit as edit
+    import bafm.sampling as sampling
 
     calls = []
-    real = edit.edit_latents
+    real = sampling.solve
 
-    def recording(*args, **kwargs):
-        calls.append((args[4], kwargs.get("rtol"), kwargs.get("atol")))
-        return real(*args, **kwargs)
+    def recording(velocity_fn, x, solver, t_grid, side_fn=None, **options):  # every solve of the run
+        calls.append((solver, options.get("rtol"), options.get("atol"), len(t_grid) - 1))
+        return real(velocity_fn, x, solver, t_grid, side_fn, **options)
 
-    monkeypatch.setattr(edit, "edit_latents", recording)
+    monkeypatch.setattr(sampling, "solve", recording)
     extra = ["edit.solvers=[ba-adaptive,reference]", "eval.tolerances={ba-adaptive: [0.05, 0.002]}",
              "edit.batch_size=3", "eval.reference_rtol=1e-4", "eval.reference_atol=1e-6"]
     assert main(_args(repo_root, tiny, tmp_path, *extra)) == 0
-    assert calls == [("ba-adaptive", 0.05, 0.05), ("ba-adaptive", 0.002, 0.002), ("reference", 1e-4, 1e-6)]
+    # One batch of 3 images: inversion, reconstruction and edit per row.
+    assert calls == 3 * [("ba-adaptive", 0.05, 0.05, 1)] + 3 * [("ba-adaptive", 0.002, 0.002, 1)] + 3 * [
+        ("reference", 1e-4, 1e-6, 1)]
     rows = _read(tmp_path / "out" / "edit_results.csv")
     assert [(r["solver"], r["grid"], r["tol"]) for r in rows] == [
         ("ba-adaptive", "adaptive", "0.05"), ("ba-adaptive", "adaptive", "0.002"), ("reference", "adaptive", "")]
@@ -252,6 +254,6 @@ def test_edit_solves_ba_adaptive_at_eval_tolerances_and_the_reference_as_configu
     calls.clear()
     assert main(_args(repo_root, tiny, tmp_path, "edit.solvers=[reference]", "eval.reference_solver=rk4",
                       "eval.reference_steps=3", "edit.batch_size=3")) == 0
-    assert calls == [("rk4", None, None)]
+    assert calls == 3 * [("rk4", None, None, 3)]
     rows = _read(tmp_path / "out" / "edit_results.csv")
     assert [(r["solver"], r["grid"], int(r["nfe"]), int(r["steps"])) for r in rows] == [("reference", "uniform", 12, 3)]

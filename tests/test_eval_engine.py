@@ -105,8 +105,8 @@ def test_noise_and_labels_are_per_sample():
 
 
 def test_samples_independent_of_batch_size(flow):
-    whole = generate(flow, None, "heun", 3, torch.arange(8), seed=5, sampling=SAMPLING)
-    parts = [generate(flow, None, "heun", 3, idx, seed=5, sampling=SAMPLING).x for idx in torch.arange(8).split(3)]
+    whole = generate(flow, None, "heun", torch.arange(8), seed=5, sampling=SAMPLING, nfe=6)
+    parts = [generate(flow, None, "heun", idx, seed=5, sampling=SAMPLING, nfe=6).x for idx in torch.arange(8).split(3)]
     torch.testing.assert_close(torch.cat(parts), whole.x, rtol=0, atol=0)
     assert whole.nfe == 6
 
@@ -291,7 +291,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
               reference_cache=cache, batch_size=5)
     rows, _ = _sweep(flow, None, ref, **kw)
     for row in rows[1:]:  # the same samples, scored by the pure metric functions
-        x = generate(flow, None, "euler", row["steps"], torch.arange(12), seed=3, sampling=SAMPLING).x
+        x = generate(flow, None, "euler", torch.arange(12), seed=3, sampling=SAMPLING, nfe=row["nfe"]).x
         gen = TinySpatialFeatures().extract(decode(x))
         assert row["fid"] == pytest.approx(frechet_distance(feature_statistics(gen.features), ref.pool), rel=1e-6)
         assert row["sfid"] == pytest.approx(frechet_distance(feature_statistics(gen.spatial), ref.spatial), rel=1e-6)
@@ -349,7 +349,7 @@ def test_adaptive_rows_report_their_measured_mean_nfe(flow, ref_stats, tmp_path)
                          tolerances={"ba-adaptive": [1e-2, 1e-5]})
     ref, loose, tight = rows
     assert (loose["solver"], loose["grid"], loose["tol"], tight["tol"]) == ("ba-adaptive", "adaptive", 1e-2, 1e-5)
-    direct = generate(flow, side, "ba-adaptive", 1, torch.arange(8), seed=3, sampling=SAMPLING,
+    direct = generate(flow, side, "ba-adaptive", torch.arange(8), seed=3, sampling=SAMPLING,
                       rtol=1e-2, atol=1e-2)
     assert loose["nfe"] == round(direct.mean_nfe(), 2) and direct.nfe_per_sample is not None
     assert tight["nfe"] > loose["nfe"] and tight["traj_rmse"] < loose["traj_rmse"]

@@ -34,7 +34,6 @@ from bafm.config import ExperimentConfig, run_dir, sampling_settings, sidenet_pa
 from bafm.editing.inputs import EditInputs, check_inputs, load_inputs, point_grids
 from bafm.editing.plan import REFERENCE, EditInputError, EditPoint, edit_plan
 from bafm.editing.inversion import edit_latents
-from bafm.models.anchor_features import anchor_for, uses_backbone_features
 from bafm.editing.report import (Row, latent_rmse, markdown_table, notes, psnr, render_grid, rows_to_csv,
                                  target_scores)  # fmt: skip
 from bafm.sampling import grid_label
@@ -177,20 +176,17 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
     n, batch = inputs.latents.shape[0], int(ec.batch_size)
     for point, grid in grids.items():
         solver, nfe = point.solver, point.nfe
-        if solver == REFERENCE:
-            solver, options, grid_name, steps = reference.solver, reference.options(), reference.grid_label, len(grid) - 1
+        if solver == REFERENCE:  # the sweep's reference, on its own grid
+            grid_name, steps = reference.grid_label, len(reference.grid()) - 1
         else:
-            options = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
             grid_name, steps = grid_label(solver, settings), steps_for_budget(solver, nfe)
+        options = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
         recon, edits, counted = [], [], 0
         start = time.perf_counter()
         for lo in range(0, n, batch):
             res = edit_latents(
-                backbone.velocity, inputs.latents[lo : lo + batch], inputs.source[lo : lo + batch],
-                target[lo : lo + batch], solver, nfe, null_class=int(backbone.num_classes),
-                side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=settings.cfg_scale,
-                interval=settings.guidance_interval, grid=grid, shift=settings.shift,
-                anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None, **options,
+                backbone, sidenet, inputs.latents[lo : lo + batch], inputs.source[lo : lo + batch],
+                target[lo : lo + batch], solver, settings, nfe=nfe, grid=grid, reference=reference, **options,
             )
             recon.append(res.reconstruction)
             edits.append(res.edit)

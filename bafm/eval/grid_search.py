@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from bafm.config import ExperimentConfig, grid_file_path, sampling_settings, sidenet_path
 from bafm.eval.grid_plan import GridSearchError, plan_search
 from bafm.io import OutputFolderError, check_output_folder, file_lock
-from bafm.sampling import SamplingSettings, latent_shape, reference_solve, sample_labels, sample_noise, solve_batch
+from bafm.sampling import SamplingSettings, latent_shape, reference_solve, sample_inputs, solve_batch
 from bafm.solvers import uses_side_fn
 from bafm.solvers.grid_store import GridTable, load_grid_table, save_grid_table
 from bafm.solvers.ground_truth import Reference
@@ -82,16 +82,11 @@ class Calibration:
                  seed: int, device: torch.device, batch_size: int, reference: Reference,
                  reference_group: int) -> None:
         self.backbone, self.sidenet, self.sampling, self.device = backbone, sidenet, sampling, device
-        shape = latent_shape(backbone)
-        self.batches: List[Tuple[Tensor, Tensor]] = []
-        for idx in indices.split(batch_size):
-            self.batches.append((sample_noise(idx, shape, seed, device=device),
-                                 sample_labels(idx, int(backbone.num_classes), device=device)))
-        refs = []
-        for idx in indices.split(reference_group):
-            noise = sample_noise(idx, shape, seed, device=device)
-            labels = sample_labels(idx, int(backbone.num_classes), device=device)
-            refs.append(reference_solve(backbone, noise, labels, sampling, reference).x)
+        shape, classes = latent_shape(backbone), int(backbone.num_classes)
+        self.batches: List[Tuple[Tensor, Tensor]] = [sample_inputs(idx, shape, seed, classes, device=device)
+                                                     for idx in indices.split(batch_size)]
+        refs = [reference_solve(backbone, *sample_inputs(idx, shape, seed, classes, device=device), sampling,
+                                reference).x for idx in indices.split(reference_group)]
         self.reference = torch.cat(refs).double()
         self.backbone_calls = 0  # batched backbone calls spent by ``error``
 
@@ -101,8 +96,7 @@ class Calibration:
         t_grid = torch.tensor(grid, dtype=torch.float64, device=self.device)
         total, start = 0.0, 0
         for noise, labels in self.batches:
-            res = solve_batch(self.backbone, self.sidenet, solver, len(grid) - 1, noise, labels, self.sampling,
-                              t_grid=t_grid)
+            res = solve_batch(self.backbone, self.sidenet, solver, noise, labels, self.sampling, grid=t_grid)
             self.backbone_calls += res.nfe
             ref = self.reference[start : start + noise.shape[0]]
             total += float((res.x.double() - ref).flatten(1).pow(2).mean(dim=1).sqrt().sum())

@@ -19,7 +19,7 @@ from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, fd_to_reference, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
-from bafm.sampling import REFERENCE, grid_label, reference_solve, sample_labels, sample_noise, solve_batch
+from bafm.sampling import REFERENCE, grid_label, sample_inputs, solve_batch
 from bafm.solvers import is_adaptive
 from bafm.solvers.grid_store import GridTable
 
@@ -140,17 +140,14 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             nfe, steps = sum(cache.nfe[i] for i in ids), sum(cache.steps[i] for i in ids)
             elapsed = sum(cache.seconds[i] for i in ids)
         else:
-            noise = sample_noise(idx, ctx.shape, ctx.settings.seed, device=device)
-            labels = sample_labels(idx, int(ctx.backbone.num_classes), device=device)
             st = ctx.settings
+            noise, labels = sample_inputs(idx, ctx.shape, st.seed, int(ctx.backbone.num_classes), device=device)
+            opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
             sync(device)
             start = time.perf_counter()
-            if is_ref:
-                res = reference_solve(ctx.backbone, noise, labels, st.sampling, st.reference)
-            else:
-                opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
-                res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                                  st.sampling, t_grid=t_grid, **opts)
+            res = solve_batch(ctx.backbone, None if is_ref else ctx.sidenet, point.solver, noise, labels, st.sampling,
+                              nfe=None if is_adaptive(point.solver) else point.nfe, grid=t_grid, reference=st.reference,
+                              **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x
