@@ -31,40 +31,44 @@ def euler(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
     return SolveResult(x=x, nfe=f.calls, steps=len(ts) - 1)
 
 
+def _two_stage(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike, name: str, c: float) -> SolveResult:
+    """Explicit two-stage Runge-Kutta with ``c2 = a21 = c`` and weights ``(1 - 1/(2c), 1/(2c))``.
+
+    ``k1 = v(x_i, t_i)``, ``k2 = v(x_i + c dt k1, t_i + c dt)``,
+    ``x_{i+1} = x_i + dt ((1 - b) k1 + b k2)`` with ``b = 1/(2c)``: second order for every ``c``.
+    """
+    ts = check_grid(t_grid, x, name)
+    f = CallCounter(velocity_fn)
+    b = 0.5 / c
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        dt = t_next - t
+        k1 = f(x, time_vector(t, x))
+        # c = 1 ends on the grid point itself (t + dt can round away from t_next).
+        k2 = f(torch.add(x, k1, alpha=c * dt), time_vector(t_next if c == 1.0 else t + c * dt, x))
+        x = torch.add(x, k2 if b == 1.0 else (1.0 - b) * k1 + b * k2, alpha=dt)
+    return SolveResult(x=x, nfe=f.calls, steps=len(ts) - 1)
+
+
 @register("heun", order=2, nfe_per_step=2)
 def heun(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
-    """Heun's method (explicit trapezoid); 2 NFE per step, including the last.
+    """Heun's method (explicit trapezoid, ``c = 1``); 2 NFE per step, including the last.
 
     ``k1 = v(x_i, t_i)``, ``k2 = v(x_i + dt k1, t_{i+1})``, ``x_{i+1} = x_i + dt (k1 + k2) / 2``.
 
     Args and returns: the shared signature (module docstring).
     """
-    ts = check_grid(t_grid, x, "heun")
-    f = CallCounter(velocity_fn)
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        dt = t_next - t
-        k1 = f(x, time_vector(t, x))
-        k2 = f(torch.add(x, k1, alpha=dt), time_vector(t_next, x))
-        x = torch.add(x, k1 + k2, alpha=0.5 * dt)
-    return SolveResult(x=x, nfe=f.calls, steps=len(ts) - 1)
+    return _two_stage(velocity_fn, x, t_grid, "heun", 1.0)
 
 
 @register("midpoint", order=2, nfe_per_step=2)
 def midpoint(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResult:
-    """Explicit midpoint method; 2 NFE per step.
+    """Explicit midpoint method (``c = 1/2``); 2 NFE per step.
 
     ``k1 = v(x_i, t_i)``, ``k2 = v(x_i + dt/2 k1, t_i + dt/2)``, ``x_{i+1} = x_i + dt k2``.
 
     Args and returns: the shared signature (module docstring).
     """
-    ts = check_grid(t_grid, x, "midpoint")
-    f = CallCounter(velocity_fn)
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        dt = t_next - t
-        k1 = f(x, time_vector(t, x))
-        k2 = f(torch.add(x, k1, alpha=0.5 * dt), time_vector(t + 0.5 * dt, x))
-        x = torch.add(x, k2, alpha=dt)
-    return SolveResult(x=x, nfe=f.calls, steps=len(ts) - 1)
+    return _two_stage(velocity_fn, x, t_grid, "midpoint", 0.5)
 
 
 @register("rk4", order=4, nfe_per_step=4, reference="rk4")
