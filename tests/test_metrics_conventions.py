@@ -100,8 +100,8 @@ def test_adm_inception_score_uses_consecutive_chunks_of_5000():
 def test_fid_is_the_same_under_both_conventions():
     feats = torch.from_numpy(_inception_like(64, 6, 7))
     real = torch.from_numpy(_inception_like(80, 6, 8))
-    stats = ReferenceStats(pool=FeatureStats(real.double().mean(0).numpy(), np.cov(real.double().numpy(), rowvar=False)),
-                           features=real)
+    pool = FeatureStats(real.double().mean(0).numpy(), np.cov(real.double().numpy(), rowvar=False))
+    stats = ReferenceStats(pool=pool, features=real)
     adm = reference_metrics(feats, stats, convention="adm")
     fidelity = reference_metrics(feats, stats)
     assert adm["fid"] == fidelity["fid"]

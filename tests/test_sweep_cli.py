@@ -21,7 +21,8 @@ def _is_fraction(value: float, n: int) -> bool:
 def _args(repo_root, tiny, tmp_path, *extra):
     return [
         "eval-nfe-sweep", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
-        *tiny_model_overrides(tiny, tmp_path), "eval.num_samples=20", "eval.batch_size=8", "eval.reference_batch_size=10",
+        *tiny_model_overrides(tiny, tmp_path), "eval.num_samples=20", "eval.batch_size=8",
+        "eval.reference_batch_size=10",
         "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.grid_images=9", "eval.device=cpu",
         "eval.solvers=[ba,euler]", "eval.budgets={ba: [3], euler: [2, 4]}", *extra,
     ]

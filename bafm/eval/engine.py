@@ -108,7 +108,8 @@ def evaluate_sweep(
     batches = [b for b in local.split(st.batch_size) if b.numel()]
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
-    key = (id(backbone), st.seed, tuple(shape), st.reference, st.reference_batch_size, st.sampling.cfg_scale, st.sampling.guidance_interval,
+    key = (id(backbone), st.seed, tuple(shape), st.reference, st.reference_batch_size, st.sampling.cfg_scale,
+           st.sampling.guidance_interval,
            feature_extractor.name)
     if cache.key != key:
         cache.reset(key)

@@ -4,7 +4,8 @@ For every requested solver and budget, the interior times of the grid are search
 mean over a calibration set of the RMS distance between the solver's sample and the
 reference's sample from the same noise and label (the sweep's ``traj_rmse``, against the same
 ``eval.reference_solver``: dopri5 at ``eval.reference_rtol``/``atol``, or RK4 at
-``eval.reference_steps``) is smallest. The calibration set is ``optimize_grid.num_samples`` samples with per-sample seeds
+``eval.reference_steps``) is smallest. The calibration set is ``optimize_grid.num_samples`` samples
+with per-sample seeds
 ``optimize_grid.seed + i``, which must not overlap the evaluation seeds
 ``eval.seed + [0, eval.num_samples)``.
 

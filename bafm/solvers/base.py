@@ -153,7 +153,8 @@ def fixed_grid_solvers() -> List[str]:
 
 def reference_solvers() -> Dict[str, str]:
     """``eval.reference_solver`` choice -> registry name of the solvers that can be the ground truth."""
-    return {fn.facts.reference: name for name, fn in SOLVERS.items() if fn.facts.reference}  # type: ignore[attr-defined]
+    facts = [solver_facts(name) for name in SOLVERS]
+    return {f.reference: f.name for f in facts if f.reference}
 
 
 def check_state(x: Any, solver: str) -> None:

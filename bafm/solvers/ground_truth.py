@@ -82,10 +82,13 @@ class Reference:
 
     def describe(self, nfe: Optional[float] = None) -> str:
         """One line, e.g. ``rk4, 50 steps, 200 NFE per sample`` or ``dopri5 (rtol 1e-05, atol 1e-05)``."""
-        what = f"{self.kind} (rtol {self.rtol:g}, atol {self.atol:g})" if self.adaptive else f"{self.kind}, {self.steps} steps"
+        if self.adaptive:
+            what = f"{self.kind} (rtol {self.rtol:g}, atol {self.atol:g})"
+        else:
+            what = f"{self.kind}, {self.steps} steps"
         return what + ("" if nfe is None else f", {nfe:.6g} NFE per sample")
 
     def as_dict(self) -> Dict[str, Any]:
         """What a result file records: the kind, the registry solver and its options."""
-        return {"kind": self.kind, "solver": self.solver,
-                **({"rtol": float(self.rtol), "atol": float(self.atol)} if self.adaptive else {"steps": int(self.steps)})}
+        options = {"rtol": float(self.rtol), "atol": float(self.atol)} if self.adaptive else {"steps": int(self.steps)}
+        return {"kind": self.kind, "solver": self.solver, **options}

@@ -24,7 +24,7 @@ PANELS = [("ba", 5), ("euler", 5), ("unipc", 5), ("ipndm", 5), ("ba", 10), ("eul
 
 def main(sweep: Path) -> None:
     cfg = load_config("experiments/digits.yaml")
-    images, labels = load_digits_images("val", **digits_options(cfg))
+    images, labels = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     # Same label order as the sweep's first 64 samples (label = index mod 10).
     picks = [int((labels == i % 10).nonzero()[i // 10]) for i in range(64)]
     real = make_grid((images[picks] + 1) / 2, nrow=8, padding=2).permute(1, 2, 0).numpy()
