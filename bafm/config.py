@@ -144,6 +144,7 @@ _RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
 
 def _choices() -> Dict[str, Sequence[str]]:
     """key -> allowed values; the lists that a registry or a module owns are read from it."""
+    from bafm.eval.features import FEATURE_EXTRACTORS
     from bafm.eval.grid_plan import SEARCH_METHODS
     from bafm.eval.metrics import METRICS_CONVENTIONS
     from bafm.models.sit import TIME_CONVENTIONS
@@ -155,7 +156,7 @@ def _choices() -> Dict[str, Sequence[str]]:
         "data.source": ("digits", "folder"),
         "backbone.source": TIME_CONVENTIONS,
         "sampling.grid": GRID_KINDS,
-        "eval.feature_extractor": ("classifier", "inception"),
+        "eval.feature_extractor": FEATURE_EXTRACTORS,
         "eval.metrics_convention": tuple(METRICS_CONVENTIONS),
         "optimize_grid.method": SEARCH_METHODS,
         "eval.reference_solver": tuple(reference_solvers()),

@@ -171,7 +171,7 @@ def solve(
 ) -> SolveResult:
     """Run a registered solver on ``t_grid``, handing ``side_fn`` only to the solvers that take one."""
     fn = get_solver(solver)
-    if fn.uses_side_fn:
+    if uses_side_fn(solver):
         solver_options = {**solver_options, "side_fn": side_fn}
     return fn(velocity_fn, x, t_grid.to(device=x.device), **solver_options)
 

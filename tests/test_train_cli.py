@@ -163,3 +163,13 @@ def test_feature_sidenet_trains_validates_and_lays_out_its_dashboard(tmp_path):
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["FD to the reference samples at 4 NFE"] == [r"^sweep/fd_ref/.*_nfe4$"]
     assert "FID at 4 NFE" in charts
+
+
+def test_a_bad_callback_plan_stops_before_the_first_training_step(tmp_path, capsys):
+    args = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=4",
+            "eval.every_n_steps=2", "eval.callback_solvers=[ba,heun]", "eval.callback_budgets=[5]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bafm train: config error: eval.callback_budgets: solver 'heun' cannot spend exactly 5 NFE "
+                   "(2 per step); nearest: 4 or 6.")
+    assert not (tmp_path / "runs").exists()  # no run folder, checkpoint or training step
