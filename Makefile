@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 EXP ?= experiments/digits.yaml
 ARGS ?=
 OUT ?=
+RUNS ?= runs
 BAFM = $(PY) -m bafm
 OUT_ARG = $(if $(OUT),--out "$(OUT)",)
 
@@ -39,7 +40,7 @@ train: setup ## Train the SideNet for EXP (logs, checkpoints and the exported Si
 eval-nfe-sweep: setup ## FID/IS/trajectory error per solver and NFE budget (OUT=<dir> to redirect)
 	$(BAFM) eval-nfe-sweep --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
-optimize-grid: setup ## Search time grids per solver and NFE (JSON beside the SideNet; OUT=<file.json> to redirect)
+optimize-grid: setup ## Search time grids per solver and NFE (JSON in the run folder runs/<name>/; OUT=<file.json> to redirect)
 	$(BAFM) optimize-grid --config "$(EXP)" $(OUT_ARG) $(ARGS)
 
 edit: setup ## Invert images and regenerate them under another class
@@ -54,8 +55,10 @@ test-slow: setup ## Run the slow tests (DDP, longer training)
 test-gpu: setup ## Run the GPU tests (needs CUDA)
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
-tensorboard: setup ## Serve runs/ with TensorBoard on localhost:6006
-	$(VENV)/bin/tensorboard --logdir runs --host localhost --port 6006
+tensorboard: setup ## Serve runs/ with TensorBoard on localhost:6006 (says so when runs/ holds no logs yet)
+	@if ! find "$(RUNS)" -name 'events.out.tfevents.*' -print -quit 2>/dev/null | grep -q .; then \
+		echo "$(RUNS)/ holds no TensorBoard logs yet: run \`make train\` (or \`make eval-nfe-sweep\`) first." >&2; exit 2; fi
+	$(VENV)/bin/tensorboard --logdir "$(RUNS)" --host localhost --port 6006
 
 bench: setup ## Run the benchmarks under bench/ (JSON in bench/results/)
 	$(PY) bench/run_all.py $(ARGS)

@@ -3,14 +3,20 @@
 Merge order: dataclass defaults -> ``experiments/<name>.yaml`` -> CLI dotlist overrides.
 Every key is validated against the schema before any work starts: an unknown key names the
 closest valid ones, a wrong type names the key, the value and the expected type.
+
+Paths (``PATH_KEYS``) are made absolute once, here, so that a command gives the same result from
+any working folder: a relative path from the experiment file or from the defaults resolves
+against the experiment's root (``experiment_root``), a relative path given on the command line
+against the current folder, as a shell user expects.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,6 +30,16 @@ if TYPE_CHECKING:
 class ConfigError(ValueError):
     """A configuration file or override that does not match the schema."""
 
+
+# Keys that hold file or folder paths; an empty value means "not set" and stays empty.
+PATH_KEYS = (
+    "runs_dir", "checkpoints_dir", "data.root", "data.image_dir", "data.list_file", "data.vae_path",
+    "backbone.path", "sidenet.path", "sampling.grid_file", "eval.classifier_path", "eval.inception_weights",
+    "eval.reference_stats", "eval.out_dir", "backbone_train.out", "backbone_train.classifier_out",
+    "edit.image_dir", "edit.out_dir", "trainer.resume",
+)
+# trainer.resume also takes this word instead of a path.
+_NOT_PATHS = {"trainer.resume": ("last",)}
 
 # Dict-valued keys whose experiment value replaces the default instead of merging into it.
 _OPEN_DICTS = {"eval.budgets", "eval.tolerances", "edit.budgets", "optimize_grid.budgets"}
@@ -65,6 +81,36 @@ def _merge(base: DictConfig, update: DictConfig, where: str, replace_open_dicts:
         raise ConfigError(f"{where}: bad value for '{key}': {message}.") from None
 
 
+def experiment_root(experiment: str | Path) -> Path:
+    """The folder that relative paths in an experiment file resolve against.
+
+    The folder above ``experiments/`` when the file lies in a folder of that name (every shipped
+    experiment: ``<checkout>/experiments/<name>.yaml`` gives ``<checkout>``), else the file's own
+    folder.
+    """
+    folder = Path(experiment).expanduser().resolve().parent
+    return folder.parent if folder.name == "experiments" else folder
+
+
+def _absolute(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _resolve_paths(cfg: DictConfig, base: Path, only: Optional[DictConfig] = None) -> None:
+    """Make the relative ``PATH_KEYS`` of ``cfg`` absolute against ``base`` (in place).
+
+    With ``only``, just the keys that ``only`` sets (the command-line overrides).
+    """
+    for key in PATH_KEYS:
+        if only is not None and OmegaConf.select(only, key, default=None) is None:
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if not value or value in _NOT_PATHS.get(key, ()):
+            continue
+        OmegaConf.update(cfg, key, _absolute(str(value), base), merge=False)
+
+
 def load_config(
     experiment: Optional[str | Path] = None, overrides: Sequence[str] = ()
 ) -> ExperimentConfig:
@@ -75,17 +121,23 @@ def load_config(
         overrides: OmegaConf dotlist entries such as ``"trainer.max_steps=10"``.
 
     Returns:
-        A validated, read-only structured config (typed like ``ExperimentConfig``).
+        A validated, read-only structured config (typed like ``ExperimentConfig``) whose paths
+        are absolute: the experiment file's and the defaults' relative to ``experiment_root``
+        (the current folder without an experiment file), the overrides' relative to the current
+        folder.
 
     Raises:
         ConfigError: unknown key, wrong type or unreadable file, naming the culprit.
     """
     cfg = OmegaConf.structured(ExperimentConfig)
+    root = Path.cwd()
     if experiment:
-        path = Path(experiment)
+        path = Path(experiment).expanduser().absolute()
         if not path.is_file():
-            available = sorted(p.name for p in Path("experiments").glob("*.yaml"))
-            raise ConfigError(f"experiment file '{path}' not found. Available: {', '.join(available)}.")
+            near = path.parent if path.parent.is_dir() else Path.cwd() / "experiments"
+            available = sorted(p.name for p in near.glob("*.yaml"))
+            listed = f" Available: {', '.join(available)} (in {near})." if available else f" No experiments in {near}."
+            raise ConfigError(f"experiment file '{path}' not found.{listed}")
         try:
             exp = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors
@@ -93,6 +145,8 @@ def load_config(
         if not isinstance(exp, DictConfig):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(exp).__name__}.")
         cfg = _merge(cfg, exp, str(path))
+        root = experiment_root(path)
+    _resolve_paths(cfg, root)
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -102,6 +156,7 @@ def load_config(
         except OmegaConfBaseException as err:
             raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
         cfg = _merge(cfg, dot, "command-line override", replace_open_dicts=False)
+        _resolve_paths(cfg, Path.cwd(), only=dot)
     _validate_values(cfg)
     _check_plans(cfg)
     OmegaConf.set_readonly(cfg, True)
@@ -131,6 +186,8 @@ _RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "optim.grad_clip": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
     "optim.ema_decay": (_probability, "a number in [0, 1]"),
     "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "data.val_fraction": (lambda v: _finite(v) and 0 < v < 1, "a fraction in (0, 1)"),
+    "trainer.max_steps": (lambda v: v >= 1 or v == -1, "an integer >= 1, or -1 to train until stopped with Ctrl-C"),
     "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.checkpoint_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
     "sampling.cfg_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (1: no guidance)"),
@@ -140,6 +197,19 @@ _RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "eval.every_n_steps": (lambda v: v >= 0, "an integer >= 0 (0: no sweeps while training)"),
 }
+
+
+def _check_run_name(cfg: DictConfig) -> None:
+    """A run name is one path component, and run folders stay out of the committed checkpoints."""
+    name = str(cfg.name)
+    separators = {"/", os.sep, os.altsep or "/"}
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in separators):
+        raise ConfigError(f"'name' is '{name}', expected a run name: one folder name under runs_dir "
+                          "(not empty, no '/', not '.' or '..').")
+    run, weights = Path(cfg.runs_dir, name).resolve(), Path(cfg.checkpoints_dir).resolve()
+    if run == weights or weights in run.parents:
+        raise ConfigError(f"the run folder '{run}' (runs_dir/name) lies inside checkpoints_dir '{weights}', "
+                          "which holds the committed weights; choose another runs_dir.")
 
 
 def _choices() -> Dict[str, Sequence[str]]:
@@ -175,6 +245,7 @@ def _check_plans(cfg: DictConfig) -> None:
 
 def _validate_values(cfg: DictConfig) -> None:
     """Check enumerated string values and numeric ranges, which OmegaConf types cannot express."""
+    _check_run_name(cfg)
     for key, allowed in _choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -220,8 +291,8 @@ def missing_backbone(cfg: ExperimentConfig) -> Optional[str]:
     """None when ``backbone.path`` is a file, else the one-line message every command gives."""
     if Path(cfg.backbone.path).is_file():
         return None
-    hint = ("make it with `make backbone`" if cfg.data.source == "digits"
-            else "download the pretrained checkpoint and set backbone.path")
+    hint = ("check backbone.path, or make it with `make backbone` (about 70 min on 2 CPU cores)"
+            if cfg.data.source == "digits" else "download the pretrained checkpoint and set backbone.path")
     return f"backbone checkpoint '{cfg.backbone.path}' not found; {hint}."
 
 

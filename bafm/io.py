@@ -19,9 +19,10 @@ import fcntl
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 def _file_mode() -> int:
@@ -171,3 +172,120 @@ def check_output_folder(folder: str | Path) -> Path:
             f"output folder '{folder}' cannot be written ({err.strerror or err}); pass another one (--out)"
         ) from None
     return folder
+
+
+def tracked_files(path: str | Path) -> list[Path]:
+    """Files that git tracks at ``path`` (a file) or under it (a folder); empty outside a git checkout.
+
+    Asks the checkout that contains ``path``'s nearest existing folder (``git ls-files``), so
+    it holds for any working folder. Without git, or outside a checkout, nothing is tracked.
+    """
+    path = Path(path).absolute()
+    existing = path if path.is_dir() else path.parent
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        done = subprocess.run(["git", "-C", str(existing), "ls-files", "-z", "--full-name", "--", str(path)],
+                              capture_output=True, timeout=60)
+        top = subprocess.run(["git", "-C", str(existing), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode != 0 or top.returncode != 0:
+        return []  # not a checkout
+    root = Path(top.stdout.strip())
+    return [root / name for name in done.stdout.decode().split("\0") if name]
+
+
+def check_not_tracked(path: str | Path, what: str, hint: str,
+                      writes: Optional[Callable[[Path], bool]] = None) -> None:
+    """Refuse to write ``path`` (a file, or a folder a command fills) over files that git tracks.
+
+    Args:
+        path: the file or folder about to be written.
+        what: the command and what it writes there, e.g. ``"bafm train's run folder"``.
+        hint: what to do instead (one clause).
+        writes: for a folder, which of its files the command writes (default: any).
+
+    Raises:
+        OutputFolderError: one line naming the tracked files found.
+    """
+    found = [p for p in tracked_files(path) if writes is None or writes(p)]
+    if found:
+        names = ", ".join(f"'{p}'" for p in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+        raise OutputFolderError(f"{what} '{Path(path).absolute()}' would overwrite files committed to git ({names}); "
+                                f"{hint}")
+
+
+_RENAME_EXCHANGE = 2  # Linux renameat2 flag: swap two existing paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` atomically (Linux ``renameat2``); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return done == 0
+
+
+def replace_folder(staging: str | Path, dest: str | Path) -> Path:
+    """Put the complete folder ``staging`` in place of ``dest``, whose old content goes as a whole.
+
+    ``staging`` must be a sibling of ``dest`` (same filesystem). Where the kernel can swap two
+    folders in one step (Linux), a reader sees the old set of files or the new one, never a mix or
+    nothing; elsewhere the old folder is renamed aside first, a moment in which ``dest`` is absent.
+
+    Returns:
+        ``dest`` as a ``Path``.
+    """
+    import shutil
+
+    staging, dest = Path(staging), Path(dest)
+    if not dest.exists():
+        os.replace(staging, dest)
+    elif _exchange(staging, dest):
+        shutil.rmtree(staging)  # now the old content
+    else:
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(staging, dest)
+        shutil.rmtree(old)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def staging_folder(dest: str | Path) -> Path:
+    """A new, empty hidden sibling of ``dest`` to write a set of outputs into before ``replace_folder``.
+
+    Siblings left by processes that no longer run (killed mid-write) are removed first.
+    """
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}.partial-"
+    for left in dest.parent.glob(prefix + "*"):
+        pid = left.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    staging = dest.with_name(f"{prefix}{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -70,7 +70,8 @@ def test_missing_backbone_same_line_in_train_and_sweep(tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"bafm {command}: ")
         lines[command] = err.split(": ", 1)[1]
-    assert set(lines.values()) == {f"backbone checkpoint '{missing}' not found; make it with `make backbone`.\n"}
+    assert set(lines.values()) == {f"backbone checkpoint '{missing}' not found; check backbone.path, or make it with "
+                                   "`make backbone` (about 70 min on 2 CPU cores).\n"}
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch):

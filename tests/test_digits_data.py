@@ -103,5 +103,6 @@ def test_ensure_digits_shards_writes_once_and_checks_settings(tmp_path: Path) ->
 def test_out_folder_and_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["data", "--out", str(tmp_path / "elsewhere"), f"data.root={tmp_path / 'unused'}"]) == 0
     assert (tmp_path / "elsewhere" / "manifest.json").is_file() and not (tmp_path / "unused").exists()
-    assert main(["data", f"data.root={tmp_path}", "data.val_fraction=0"]) == 1
-    assert "val_fraction" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["data", f"data.root={tmp_path}", "data.val_fraction=0"]) == 2  # checked at load
+    assert capsys.readouterr().err == "bafm data: config error: 'data.val_fraction' is 0.0, expected a fraction in (0, 1).\n"

@@ -153,7 +153,7 @@ def test_bafm_data_folder_end_to_end(vae_dir: Path, image_dir: Path, tmp_path: P
                                    rtol=1e-3, atol=1e-3)
 
     # Loader -> decoder round trip.
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + ["data.batch_size=4"])  # at most the split's 7 images
     dm = LatentDataModule(cfg.data, seed=cfg.seed)
     dm.setup("fit")
     assert dm.latent_shape == (4, RES // 2, RES // 2) and dm.has_flip
@@ -174,5 +174,6 @@ def test_bafm_data_folder_end_to_end(vae_dir: Path, image_dir: Path, tmp_path: P
 def test_bafm_data_reports_missing_weights(image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["data", f"data.root={tmp_path}", "data.source=folder", f"data.image_dir={image_dir}",
                  f"data.vae_path={tmp_path / 'no-vae'}"])
-    assert code == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert code == 2  # bad input, one line (bafm.cli's mapping)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bafm data: VAE path ") and "does not exist" in err

@@ -248,7 +248,8 @@ class LatentDataModule(L.LightningDataModule):
         if self._manifest is None:
             manifest = read_manifest(self.folder)
             if manifest.get("dtype") != "float16":
-                raise ValueError(f"{self.folder}/manifest.json: dtype '{manifest.get('dtype')}', expected 'float16'.")
+                raise ShardError(f"{self.folder.absolute()}/manifest.json", f"dtype '{manifest.get('dtype')}', "
+                                                                             "expected 'float16'")
             self._manifest = manifest
         return self._manifest
 
@@ -290,12 +291,20 @@ class LatentDataModule(L.LightningDataModule):
         Raises:
             FileNotFoundError: no manifest, an empty split or a listed shard missing, with the
                 command that creates them.
+            ConfigError: ``data.batch_size`` larger than the training split (a batch would repeat samples
+                and take memory in proportion), naming both.
         """
+        from bafm.config import ConfigError
+
         if self.cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error is '{self.cfg.on_error}', expected 'raise' or 'skip'.")
         needed = [self.val_split] if stage in ("validate", "test") else [self.train_split]
         for split in needed:
             shard_paths(self.folder, self.manifest, split)
+            size = self.counts[split]
+            if split == self.train_split and int(self.cfg.batch_size) > size:
+                raise ConfigError(f"'data.batch_size' is {self.cfg.batch_size}, more than the {size} samples of the "
+                                  f"'{split}' split in '{self.folder.absolute()}'; use at most {size}.")
 
     # ------------------------------------------------------------------ loaders
 

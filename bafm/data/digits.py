@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bafm.data.manifest import read_manifest
+from bafm.data.manifest import DataSettingsError, read_manifest
 from bafm.data.shard_job import MomentBatch, SplitJob, write_split
 
 NUM_DIGITS = 1797
@@ -129,6 +129,30 @@ def prepare_digits(data: Any, seed: int, folder: Path, rank: int = 0, world_size
     return manifest
 
 
+# digits_settings() key -> the config key that sets it.
+_SETTING_KEYS = {"seed": "seed", "val_fraction": "data.val_fraction", "size": "data.digits_size"}
+
+
+def check_digits_settings(folder: Path, manifest: Dict[str, Any], data: Any, seed: int) -> None:
+    """Raise unless the digits shards in ``folder`` (if any) were written with these settings (``data`` section, seed).
+
+    Raises:
+        DataSettingsError: one line naming each differing key, its value in the shards and now.
+    """
+    written = manifest.get("preprocessing")
+    if not manifest.get("splits") or not isinstance(written, dict):
+        return
+    wanted = digits_settings(data, seed)
+    differ = [k for k in wanted if written.get(k) != wanted[k]]
+    if not differ:
+        return
+    was = ", ".join(f"{_SETTING_KEYS.get(k, k)}={written.get(k)!r} (now {wanted[k]!r})" for k in differ)
+    raise DataSettingsError(
+        f"'{Path(folder).absolute()}' holds digits shards written with other settings: {was}; the seed fixes "
+        f"the train/val split. Pass data.dataset=<new name> to write shards for these settings beside them, "
+        f"or go back to the settings of the shards.")
+
+
 def ensure_digits_shards(data: Any, seed: int) -> Path:
     """Write the digits shards to ``<data.root>/<data.dataset>`` unless they are already there.
 
@@ -144,8 +168,8 @@ def ensure_digits_shards(data: Any, seed: int) -> Path:
         The dataset folder.
 
     Raises:
-        ValueError: shards already in the folder were written with other settings (seed,
-            ``data.val_fraction``, ``data.digits_size``).
+        DataSettingsError: shards already in the folder were written with other settings (seed,
+            ``data.val_fraction``, ``data.digits_size``), naming each and what to do.
     """
     folder = Path(data.root) / data.dataset
     if data.source != "digits":
@@ -154,11 +178,12 @@ def ensure_digits_shards(data: Any, seed: int) -> Path:
         manifest = read_manifest(folder)
     except (FileNotFoundError, ValueError):
         manifest = {}
+    check_digits_settings(folder, manifest, data, seed)
     splits = manifest.get("splits", {})
     complete = (
         manifest.get("preprocessing") == digits_settings(data, seed)
         and all(s in splits for s in SPLITS)
-        and all((folder / rec["name"]).is_file() for s in SPLITS for rec in splits[s]["shards"])
+        and all((folder / rec["name"]).is_file() for s in SPLITS for rec in splits[s].get("shards", []))
     )
     if complete:
         return folder

@@ -37,6 +37,19 @@ class ShardError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+class DataSettingsError(ValueError):
+    """A dataset folder that already holds shards written with other settings (names what differs)."""
+
+
+class DataInputError(ValueError):
+    """An input of ``bafm data`` that cannot be used: an image, a list file, the VAE or a setting."""
+
+
+def written_by_data(path: Path) -> bool:
+    """Whether ``bafm data`` writes a file of this name in a dataset folder (shards, records, manifest)."""
+    return path.name == MANIFEST or path.suffix == ".tar" or RECORDS_DIR in path.parts
+
+
 def shard_name(split: str, index: int) -> str:
     """``<split>-%06d.tar``, the file name of shard ``index`` of ``split``."""
     return f"{split}-{index:06d}.tar"
@@ -55,21 +68,45 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: no manifest, with the command that writes one.
-        ValueError: unreadable or of another format.
+        ShardError: unreadable, of another format, or listing a shard outside ``folder``.
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"no latent shards at '{folder}' ({MANIFEST} missing). Create them with "
+            f"no latent shards at '{Path(folder).absolute()}' ({MANIFEST} missing). Create them with "
             f"`make data EXP=experiments/<name>.yaml` (or `bafm data --config ...`)."
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format '{manifest.get('format')}', expected '{FORMAT}'")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(str(path), f"not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(str(path), f"format '{found}', expected '{FORMAT}'")
+    _check_shard_records(path, manifest)
     return manifest
+
+
+def _check_shard_records(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Every listed shard is a plain file name in the manifest's own folder, with a sample count.
+
+    A manifest is data, not a path list: a name such as ``../../etc/passwd`` or ``/abs/file``
+    would make the reader open a file outside the dataset folder.
+    """
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict):
+        raise ShardError(str(path), f"'splits' is a {type(splits).__name__}, expected a mapping")
+    for split, entry in splits.items():
+        records = entry.get("shards", []) if isinstance(entry, dict) else None
+        if not isinstance(records, list):
+            raise ShardError(str(path), f"split '{split}': 'shards' is not a list of shard records")
+        for rec in records:
+            name = rec.get("name") if isinstance(rec, dict) else None
+            if not isinstance(name, str) or not isinstance(rec.get("count"), int):
+                raise ShardError(str(path), f"split '{split}': shard record {rec!r} lacks a name or a count")
+            if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise ShardError(str(path), f"split '{split}' lists shard '{name}', expected a file name inside "
+                                            f"'{path.parent.absolute()}'; re-run `make data` to rewrite the manifest")
 
 
 def latent_scaling_factor(folder: Path, default: float) -> float:
@@ -100,7 +137,7 @@ def update_manifest(folder: Path, common: Mapping[str, Any], split: str, entry: 
         The manifest as written.
 
     Raises:
-        ValueError: ``common`` disagrees with the manifest already in ``folder``.
+        DataSettingsError: ``common`` disagrees with the manifest already in ``folder``.
     """
     folder = Path(folder)
     common = json.loads(json.dumps(dict(common)))  # tuples -> lists, as read back from disk
@@ -112,7 +149,7 @@ def update_manifest(folder: Path, common: Mapping[str, Any], split: str, entry: 
             others = sorted(set(old.get("splits", {})) - {split})
             if clash and others:
                 was = ", ".join(f"{k}={old[k]!r} (now {common[k]!r})" for k in clash)
-                raise ValueError(
+                raise DataSettingsError(
                     f"{folder / MANIFEST}: split(s) {others} were written with other settings: {was}. "
                     f"Use another data.dataset or delete the folder."
                 )
@@ -136,7 +173,7 @@ def shard_paths(folder: Path, manifest: Mapping[str, Any], split: str) -> List[T
             f"Create it with `make data EXP=...` (data.split={split} for image folders)."
         )
     out = []
-    for rec in splits[split]["shards"]:
+    for rec in splits[split].get("shards", []):
         path = Path(folder) / rec["name"]
         if not path.is_file():
             raise FileNotFoundError(f"shard '{path}' listed in the manifest is missing; re-run `make data EXP=...`.")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 
 from bafm.data.digits import prepare_digits
+from bafm.data.manifest import DataInputError, DataSettingsError, ShardError, written_by_data
 from bafm.data.shard_job import MomentBatch, SplitJob, dist_info, write_split
+from bafm.io import check_not_tracked
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +77,28 @@ def run(cfg: Any, out: Optional[str] = None) -> int:
     """``bafm data``: write the shards of ``cfg`` to ``out`` or ``<data.root>/<data.dataset>``.
 
     Returns:
-        0 on success, 1 with a message on stderr for bad input (missing folders or weights).
+        0 on success.
+
+    Raises:
+        DataInputError: an image, list file, VAE or setting that cannot be used (one line).
+        DataSettingsError: the folder holds shards written with other settings.
+        OutputFolderError: the shards would overwrite files that git tracks.
+        FileNotFoundError: a missing folder, list file or VAE.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    folder = Path(out) if out else Path(cfg.data.root) / cfg.data.dataset
+    folder = Path(out).absolute() if out else Path(cfg.data.root) / cfg.data.dataset
+    check_not_tracked(folder, "bafm data's dataset folder", "pass another --out or data.dataset=",
+                      writes=written_by_data)
     rank, world_size, initialised = dist_info()
     try:
         if cfg.data.source == "digits":
             manifest = prepare_digits(cfg.data, cfg.seed, folder, rank, world_size, initialised)
         else:
             manifest = prepare_folder(cfg, folder, rank, world_size, initialised)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"bafm data: error: {err}", file=sys.stderr)
-        return 1
+    except (DataSettingsError, ShardError):
+        raise
+    except ValueError as err:  # unreadable images, malformed list lines, a VAE that does not fit
+        raise DataInputError(str(err)) from None
     if manifest is not None:
         counts = ", ".join(f"{s}: {e['count']} samples in {e['num_shards']} shard(s)" for s, e in manifest["splits"].items())
         print(f"wrote {folder} ({counts}); latent shape {manifest['latent_shape']}, scaling factor {manifest['scaling_factor']}")

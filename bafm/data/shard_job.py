@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bafm.data.manifest import RECORDS_DIR, shard_name, update_manifest
+from bafm.data.manifest import RECORDS_DIR, DataSettingsError, shard_name, update_manifest
 from bafm.data.shard_writer import ShardWriter, remove_stale_temps, sha256_file, shard_record
 from bafm.io import atomic_write_json
 
@@ -90,8 +90,8 @@ def _check_plan(job: SplitJob) -> None:
             diff = sorted(k for k in set(old) | set(plan) if k != "common" and old.get(k) != plan.get(k))
             was, now = old.get("common", {}), plan["common"]
             diff += sorted(f"{k}" for k in set(was) | set(now) if was.get(k) != now.get(k))
-            raise ValueError(
-                f"'{job.folder}' already holds '{job.split}' shards written with other settings "
+            raise DataSettingsError(
+                f"'{job.folder.absolute()}' already holds '{job.split}' shards written with other settings "
                 f"(differs in: {', '.join(diff)}; see {path}). Delete that folder or choose another "
                 f"data.dataset / --out."
             )

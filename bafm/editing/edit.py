@@ -215,11 +215,10 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     """CLI entry (``bafm edit --config X [--out DIR] [overrides]``).
 
     Returns:
-        0 on success, 2 on bad input (message on stderr, nothing sampled or written).
+        0 on success.
+
+    Raises:
+        EditInputError: bad input, before anything is sampled or written (``bafm.cli`` reports it).
     """
-    try:
-        run_edit(cfg, out, print_table=True)
-    except EditInputError as err:
-        print(f"bafm edit: {err}", file=sys.stderr)
-        return 2
+    run_edit(cfg, out, print_table=True)
     return 0

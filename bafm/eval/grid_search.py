@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from bafm.config import ExperimentConfig, grid_file_path, sampling_settings, sidenet_path
 from bafm.eval.grid_plan import GridSearchError, plan_search
-from bafm.io import OutputFolderError, check_output_folder, file_lock
+from bafm.io import OutputFolderError, check_not_tracked, check_output_folder, file_lock
 from bafm.sampling import SamplingSettings, latent_shape, reference_solve, sample_inputs, solve_batch
 from bafm.solvers import uses_side_fn
 from bafm.solvers.grid_store import GridTable, load_grid_table, save_grid_table
@@ -174,6 +174,8 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
     dest = output_path(cfg, out)
     try:
         check_output_folder(dest.parent)
+        if not (cfg.sampling.grid_file or str(out or "").endswith(".json")):  # a file the user did not name
+            check_not_tracked(dest, "bafm optimize-grid's grid file", "pass the file itself with --out to replace it")
     except OutputFolderError as err:
         raise GridSearchError(str(err)) from None
     if dest.is_file():  # an unreadable file, or one of another SideNet, stops the run before any sampling
@@ -246,12 +248,11 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     """CLI entry (``bafm optimize-grid --config X [--out FILE_OR_DIR] [overrides]``).
 
     Returns:
-        0 on success, 2 on bad input (message on stderr, nothing sampled).
+        0 on success.
+
+    Raises:
+        GridSearchError: bad input, before anything is sampled (``bafm.cli`` reports it).
     """
-    try:
-        path = optimize_grids(cfg, out)
-    except GridSearchError as err:
-        print(f"bafm optimize-grid: {err}", file=sys.stderr)
-        return 2
+    path = optimize_grids(cfg, out)
     print(f"grids: {path}")
     return 0

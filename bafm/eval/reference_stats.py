@@ -21,8 +21,10 @@ Sources, by ``eval.reference_stats``:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -36,6 +38,27 @@ from bafm.io import atomic_write_bytes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "reference_stats.npz"
 PRC_SUBSET_SEED = 0  # the precision/recall subset of a large reference set is fixed by this seed
+
+
+class ReferenceStatsError(ValueError):
+    """A reference statistics or images ``.npz`` that cannot be used (one line naming the file)."""
+
+
+@contextlib.contextmanager
+def _open_npz(path: str | Path) -> Iterator[Any]:
+    """``np.load(path)`` without pickles; every way the file can fail becomes ``ReferenceStatsError``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            yield data
+    except ReferenceStatsError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "pickle" in text.lower() or "object arrays" in text.lower():
+            raise ReferenceStatsError(
+                f"{Path(path).absolute()}: holds pickled Python objects, which bafm never loads (unpickling can run "
+                "code); save plain arrays instead, e.g. np.savez(path, mu=mu, sigma=sigma)") from None
+        raise ReferenceStatsError(f"{Path(path).absolute()}: not a usable .npz ({text})") from None
 
 
 def save_stats(
@@ -84,15 +107,15 @@ def load_stats(path: str | Path) -> tuple[FeatureStats, dict[str, str]]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: keys missing.
+        ReferenceStatsError: keys missing, pickled arrays or not an ``.npz``.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics '{path}' not found.")
-    with np.load(path, allow_pickle=False) as data:
+        raise FileNotFoundError(f"reference statistics '{path.absolute()}' not found.")
+    with _open_npz(path) as data:
         missing = [k for k in ("mu", "sigma") if k not in data.files]
         if missing:
-            raise ValueError(f"{path}: no {' and '.join(missing)} array (found: {', '.join(data.files)}).")
+            raise ReferenceStatsError(f"{path}: no {' and '.join(missing)} array (found: {', '.join(data.files)}).")
         stats = FeatureStats(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]) if "n" in data.files else 0)
         info = {k: str(data[k]) if k in data.files else "" for k in ("extractor", "source")}
     return stats, info
@@ -110,26 +133,26 @@ def load_reference(path: str | Path) -> tuple[ReferenceStats, dict[str, Any]]:
         ``prc_size`` (-1 when absent) and ``keys`` (the file's array names).
     """
     pool, info = load_stats(path)
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         spatial = FeatureStats(data["mu_s"], data["sigma_s"], n=pool.n) if "mu_s" in data.files else None
         feats = torch.from_numpy(data["prc_features"].astype(np.float32)) if "prc_features" in data.files else None
         extra = {"prc_size": int(data["prc_size"]) if "prc_size" in data.files else -1, "keys": list(data.files)}
     try:
         ref = ReferenceStats(pool=pool, spatial=spatial, features=feats)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ReferenceStatsError(f"{path}: {err}") from None
     return ref, {**info, **extra}
 
 
 def npz_has_stats(path: str | Path) -> bool:
     """Whether an ``.npz`` holds ``mu`` and ``sigma`` (reads only the archive's index)."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         return "mu" in data.files and "sigma" in data.files
 
 
 def npz_has_images(path: str | Path) -> bool:
     """Whether an ``.npz`` holds ``arr_0`` images (reads only the archive's index)."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         return "arr_0" in data.files
 
 
@@ -139,7 +162,7 @@ def iter_npz_images(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]
     Yields:
         ``(B, C, H, W)`` float32 in ``[0, 1]``.
     """
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         if "arr_0" not in data.files:
             raise ValueError(f"{path}: expected 'mu'/'sigma' statistics or 'arr_0' images, found {data.files}.")
         arr = data["arr_0"]
@@ -323,18 +346,18 @@ def resolve_reference_stats(
 
     Raises:
         FileNotFoundError: see ``check_reference_source``.
-        ValueError: statistics in another feature space than ``extractor``'s, or a negative
+        ReferenceStatsError: statistics in another feature space than ``extractor``'s, or a negative
             ``eval.prc_reference_size``.
     """
     check_reference_source(evaluation, data)
     ref = str(evaluation.reference_stats)
     prc_size = int(evaluation.prc_reference_size)
     if prc_size < 0:
-        raise ValueError(f"eval.prc_reference_size is {prc_size}, expected 0 (off) or a positive number of images.")
+        raise ReferenceStatsError(f"eval.prc_reference_size is {prc_size}, expected 0 (off) or a positive number of images.")
     if ref and Path(ref).is_file() and npz_has_stats(ref):
         given, info = load_reference(ref)
         if info["extractor"] and info["extractor"] != extractor.name:
-            raise ValueError(f"{ref}: statistics were computed with '{info['extractor']}', "
+            raise ReferenceStatsError(f"{ref}: statistics were computed with '{info['extractor']}', "
                              f"the sweep uses '{extractor.name}'.")
         features = given.features if prc_size > 0 else None
         if prc_size > 0 and features is None:
@@ -348,12 +371,12 @@ def resolve_reference_stats(
     else:
         reference = _cached_or_computed(evaluation, data, seed, extractor, device, batch_size, prc_size)
     if reference.dim != extractor.feature_dim:
-        raise ValueError(
+        raise ReferenceStatsError(
             f"reference statistics have dimension {reference.dim}, the '{extractor.name}' features "
             f"{extractor.feature_dim}: reference and feature extractor do not match."
         )
     if reference.spatial is not None and reference.spatial.dim != extractor.spatial_dim:
-        raise ValueError(
+        raise ReferenceStatsError(
             f"reference spatial statistics (mu_s, sigma_s) have dimension {reference.spatial.dim}, the "
             f"'{extractor.name}' spatial features {extractor.spatial_dim}: reference and feature extractor do not match."
         )

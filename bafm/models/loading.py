@@ -26,10 +26,12 @@ from bafm.models.checkpoint_io import (
     block_indices,
     cast_state_dict,
     check_against,
+    config_path,
     load_weights,
     read_config,
     write_weights,
 )
+from bafm.models.model_size import check_model_size
 from bafm.models.sidenet import SideNet
 from bafm.models.sit import SIT_ARCHS, TIME_CONVENTIONS, SiT
 
@@ -76,6 +78,12 @@ def _saved_config(path: str | Path, expected_format: str) -> Dict[str, Any]:
             f"{path}: its config says format '{saved.get('format')}', expected '{expected_format}'"
         )
     return saved
+
+
+def _config_source(path: str | Path, saved: Mapping[str, Any]) -> str:
+    """Where a model's config came from, for messages: the JSON beside ``path``, else ``path``."""
+    json_file = config_path(path)
+    return str(json_file) if saved and json_file.is_file() else str(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +211,8 @@ def load_backbone(
         ):
             arch = matches[0]
 
+    # Counted before anything is built: a config beside the weights may ask for any size.
+    check_model_size(SiT, kwargs, _config_source(path, saved))
     with torch.device("meta"):
         model = SiT(**kwargs, time_convention=source, arch=arch)
     what = (
@@ -313,6 +323,7 @@ def load_sidenet(
     kwargs: Dict[str, Any] = {**inferred, "num_heads": 4}
     kwargs.update({k: v for k, v in saved.items() if k in _SIDENET_FIELDS and v is not None})
     kwargs.update(overrides)
+    check_model_size(SideNet, kwargs, _config_source(path, saved))
     with torch.device("meta"):
         model = SideNet(**kwargs)
     what = (

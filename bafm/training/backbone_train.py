@@ -22,11 +22,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bafm.config import ExperimentConfig, run_dir, to_container
+from bafm.config import ConfigError, ExperimentConfig, run_dir, to_container
+from bafm.errors import Interrupted
+from bafm.io import check_not_tracked
 from bafm.data.digits import digits_options, load_digits_images
 from bafm.models.layers import drop_labels
 from bafm.models.loading import save_backbone
-from bafm.models.sit import build_sit
+from bafm.models.model_size import check_model_size
+from bafm.models.sit import build_sit, resolve_size
 from bafm.training.module import step_seed, warmup_factor
 
 
@@ -101,10 +104,14 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
     bt = cfg.backbone_train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     images, labels = load_digits_images("train", **digits_options(cfg.data, cfg.seed))  # (N, 1, S, S) in [-1, 1]
-    model = build_sit(
-        cfg.backbone.arch, input_size=images.shape[-1], in_channels=images.shape[1], num_classes=10,
-        depth=cfg.backbone.depth, hidden_size=cfg.backbone.hidden_size, num_heads=cfg.backbone.num_heads,
-    )
+    if bt.batch_size > images.shape[0]:  # drop_last would leave no batch at all
+        raise ConfigError(f"'backbone_train.batch_size' is {bt.batch_size}, more than the {images.shape[0]} "
+                          f"training digits; use at most {images.shape[0]}.")
+    size = resolve_size(cfg.backbone.arch, cfg.backbone.depth, cfg.backbone.hidden_size, cfg.backbone.num_heads)
+    shape = dict(input_size=images.shape[-1], in_channels=images.shape[1], num_classes=10, depth=size.depth,
+                 hidden_size=size.hidden_size, num_heads=size.num_heads)
+    check_model_size(lambda **kw: build_sit(cfg.backbone.arch, **kw), shape, "backbone.* settings")
+    model = build_sit(cfg.backbone.arch, **shape)
     module = FlowMatchingModule(model, num_classes=10, lr=bt.lr, ema_decay=bt.ema_decay,
                                 label_dropout=bt.label_dropout, seed=cfg.seed)
     loader = DataLoader(TensorDataset(images.float(), labels.long()), batch_size=bt.batch_size,
@@ -120,7 +127,13 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
             run_dir(cfg) / "backbone" / "snapshots", bt.snapshot_every,
             {"experiment": to_container(cfg)["name"]}))
     start = time.perf_counter()
-    trainer.fit(module, loader)
+    try:
+        trainer.fit(module, loader)
+    except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown
+        if not trainer.interrupted:
+            raise
+    if trainer.interrupted:
+        raise Interrupted(f"backbone training stopped at step {trainer.global_step}; '{bt.out}' is unchanged")
     seconds = time.perf_counter() - start
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     ema_model = module.ema.module.cpu().eval()
@@ -137,13 +150,16 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
 
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     """CLI entry: backbone, then the classifier that serves as this experiment's feature extractor."""
-    from bafm.training.classifier_train import run as run_classifier
+    from bafm.training.classifier_train import classifier_destination, run as run_classifier
 
     if cfg.data.source != "digits":
-        raise SystemExit(
+        raise ConfigError(
             "bafm backbone trains the embedded default's small SiT only; for ImageNet bring a "
             "pretrained REPA/SiT checkpoint and set backbone.path (see README)."
         )
+    # Logs and snapshots go to the run folder; the weights to the files named in backbone_train.*.
+    check_not_tracked(run_dir(cfg) / "backbone", "bafm backbone's log folder", "choose another runs_dir= or name=")
+    classifier_destination(cfg, out)  # checked now, not after the backbone's training
     summary = train_backbone(cfg)
     Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
     print(json.dumps(summary, indent=2))

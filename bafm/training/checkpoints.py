@@ -2,9 +2,12 @@
 
 Policy (``bafm train``):
 
-- A run resumes only with ``trainer.resume`` set. A fresh run into a run folder whose
-  ``checkpoints/`` already holds ``.ckpt`` files stops before any work with a one-line message
+- A run resumes only with ``trainer.resume`` set. A fresh run into a run folder that already
+  holds any training output (``RUN_OUTPUTS``: checkpoints, the exported SideNet, event files,
+  the summary, training sweeps) stops before any work with a one-line message
   (``RunFolderError``): resume with ``trainer.resume=last`` or start over in an empty folder.
+- A resume whose checkpoint does not fit the configured SideNet (other ``sidenet.*`` sizes)
+  stops before Lightning restores anything, naming the settings that differ.
 - ``trainer.resume=last`` picks the readable checkpoint with the highest ``global_step``
   (ties: the newest file), not simply the newest file; unreadable files are skipped with a warning.
 - A checkpoint is written only if every SideNet and EMA tensor is finite, so a run that diverges
@@ -29,13 +32,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from bafm.io import atomic_path
 from bafm.models.checkpoint_io import CheckpointError, read_checkpoint
+from bafm.training.run_lock import RunFolderError
 
 INTERRUPTED = "interrupted"
 CKPT_SUFFIX = ".ckpt"
-
-
-class RunFolderError(ValueError):
-    """A fresh run would mix with a previous run's checkpoints."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -147,17 +147,70 @@ def resolve_resume(resume: str, folder: Path) -> Optional[str]:
     return resume
 
 
+# What ``bafm train`` writes in its run folder, as globs relative to it.
+RUN_OUTPUTS = ("checkpoints/*.ckpt", "sidenet.safetensors", "sidenet.json", "train/events.out.tfevents.*",
+               "train/hparams.yaml", "train_summary.json", "train_sweeps/*")
+
+
+def run_outputs(run: Path) -> List[Path]:
+    """The outputs of an earlier training run found in the run folder ``run``."""
+    return sorted(p for pattern in RUN_OUTPUTS for p in Path(run).glob(pattern))
+
+
 def check_fresh_run_folder(folder: Path, run: Path) -> None:
-    """Stop a fresh run whose checkpoint folder already holds checkpoints.
+    """Stop a fresh run whose run folder already holds any training output (see ``RUN_OUTPUTS``).
+
+    Args:
+        folder: the run's checkpoint folder (``<run>/checkpoints``).
+        run: the run folder.
 
     Raises:
-        RunFolderError: names the folder, the step reached and how to resume or start over.
+        RunFolderError: names the folder, what is there (the step reached, if checkpoints are),
+            and how to resume or start over.
     """
-    existing = sorted(Path(folder).glob(f"*{CKPT_SUFFIX}"))
-    if not existing:
+    found = run_outputs(run)
+    if not found:
         return
-    steps = [step for step, _, _ in list_checkpoints(folder)]
-    reached = f" (up to step {max(steps)})" if steps else ""
+    steps = [step for step, _, _ in list_checkpoints(folder)] if any(p.suffix == CKPT_SUFFIX for p in found) else []
+    if steps:
+        what = f"training checkpoints (up to step {max(steps)}) in {folder}; resume with trainer.resume=last, or"
+    else:
+        more = f" (+{len(found) - 3} more)" if len(found) > 3 else ""
+        names = ", ".join(str(p.relative_to(run)) for p in found[:3]) + more
+        what = f"the outputs of an earlier run ({names}) and no checkpoint to resume from;"
     raise RunFolderError(
-        f"run folder '{run}' already holds training checkpoints{reached} in {folder}; resume with "
-        f"trainer.resume=last, or start over with another runs_dir=/name= or after removing '{run}'")
+        f"run folder '{run}' already holds {what} start over with another runs_dir=/name= or after removing '{run}'")
+
+
+def check_resume_fits(path: str | Path, module: torch.nn.Module, settings: Dict[str, Any]) -> None:
+    """Stop before Lightning restores a checkpoint whose tensors do not fit ``module``.
+
+    Args:
+        path: the checkpoint to resume from.
+        module: the freshly built LightningModule (its ``state_dict`` holds what is trainable).
+        settings: this run's ``sidenet`` settings (``channels``, ``emb_dim``, ``depth``, ``num_heads``),
+            compared with those stored in the checkpoint's hyper-parameters to say what changed.
+
+    Raises:
+        RunFolderError: one line naming the checkpoint and the settings that differ (or, for a
+            checkpoint without them, the first tensor that does not fit).
+    """
+    checkpoint = read_checkpoint(path)
+    stored = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    # The frozen backbone is never in a checkpoint (SideNetModule drops it on save).
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("backbone.")}
+    wrong = [k for k in expected if k in stored and tuple(stored[k].shape) != expected[k]]
+    wrong += [k for k in stored if k not in expected] + [k for k in expected if k not in stored]
+    if not wrong:
+        return
+    saved = (checkpoint.get("hyper_parameters") or {}).get("sidenet") or {}
+    changed = [f"sidenet.{k}={saved[k]} (now {settings[k]})" for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:
+        why = f"was trained with {', '.join(changed)}"
+    else:
+        first = wrong[0]
+        shapes = (f"{tuple(stored[first].shape)} there, {expected[first]} here" if first in stored and first in expected
+                  else "present on one side only")
+        why = f"does not fit this SideNet ({len(wrong)} tensors differ; first '{first}': {shapes})"
+    raise RunFolderError(f"checkpoint '{path}' {why}; resume with the checkpoint's sidenet.* settings, or start a "
+                         f"fresh run with another name=")

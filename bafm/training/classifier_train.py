@@ -176,6 +176,25 @@ def _train(
     return model, metrics
 
 
+def classifier_destination(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
+    """Where the classifier goes: ``out`` (a ``.safetensors`` file, or a folder for
+    ``classifier.safetensors``), else ``backbone_train.classifier_out``.
+
+    Raises:
+        OutputFolderError: ``out`` is a folder whose ``classifier.safetensors`` git tracks (a
+            committed file is replaced only when named exactly).
+    """
+    from bafm.io import check_not_tracked
+
+    if not out:
+        return Path(cfg.backbone_train.classifier_out)
+    if str(out).endswith(".safetensors"):
+        return Path(out)
+    dest = Path(out) / "classifier.safetensors"
+    check_not_tracked(dest, "bafm backbone's classifier file", "pass the file itself with --out to replace it")
+    return dest
+
+
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     """Command-style entry: train, save, print the held-out accuracy.
 
@@ -187,9 +206,7 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
     Returns:
         0.
     """
-    dest = Path(cfg.backbone_train.classifier_out)
-    if out:
-        dest = Path(out) if str(out).endswith(".safetensors") else Path(out) / "classifier.safetensors"
+    dest = classifier_destination(cfg, out)
     _, metrics = train_classifier(cfg, out=dest)
     print(f"digits classifier: held-out accuracy {100 * metrics['val_accuracy']:.2f} % "
           f"({metrics['n_val']} images), {metrics['seconds']:.0f} s -> {dest}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, Throughpu
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bafm.config import ExperimentConfig, exported_sidenet_path, missing_backbone, run_dir, to_container
-from bafm.io import atomic_write_text
-from bafm.models.loading import load_backbone, save_sidenet
+from bafm.data.vae import LatentShapeError
+from bafm.errors import Interrupted
+from bafm.io import atomic_write_text, check_not_tracked
 from bafm.models.anchor_features import feature_width
+from bafm.models.loading import load_backbone, save_sidenet
+from bafm.models.model_size import check_model_size
 from bafm.models.sidenet import SideNet
 from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig
@@ -26,9 +30,11 @@ from bafm.training.checkpoints import (
     FiniteModelCheckpoint,
     InterruptCheckpoint,
     check_fresh_run_folder,
+    check_resume_fits,
     resolve_resume,
 )
 from bafm.training.module import SideNetModule
+from bafm.training.run_lock import RunFolderLock
 
 
 def training_checkpoint_dir(cfg: ExperimentConfig) -> Path:
@@ -67,53 +73,86 @@ def validation_options(tc: Any) -> Dict[str, Any]:
 
 
 def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int, feature_dim: int = 0) -> SideNet:
-    """The trainable SideNet of ``cfg.sidenet``; ``feature_dim``: the backbone's token width when
-    ``sidenet.backbone_features`` is on."""
+    """The trainable SideNet of ``cfg.sidenet`` (its size checked before it is allocated);
+    ``feature_dim``: the backbone's token width when ``sidenet.backbone_features`` is on."""
     sc = cfg.sidenet
-    sidenet = SideNet(in_channels=in_channels, channels=sc.channels, emb_dim=sc.emb_dim, depth=sc.depth,
-                      num_heads=sc.num_heads, num_classes=num_classes,
-                      feature_dim=feature_dim if sc.backbone_features else 0, feature_layer=sc.feature_layer)
+    kwargs = dict(in_channels=in_channels, channels=sc.channels, emb_dim=sc.emb_dim, depth=sc.depth,
+                  num_heads=sc.num_heads, num_classes=num_classes,
+                  feature_dim=feature_dim if sc.backbone_features else 0, feature_layer=sc.feature_layer)
+    check_model_size(SideNet, kwargs, "sidenet.* settings")
+    sidenet = SideNet(**kwargs)
     # NHWC activations: fused channel RMSNorm and faster (depthwise) convolutions, CPU and GPU.
     return sidenet.to(memory_format=torch.channels_last) if sc.channels_last else sidenet
 
 
 def check_shapes(backbone: torch.nn.Module, data_shape: tuple, num_classes: int, what: str) -> None:
-    """Fail before the first step if the backbone cannot take the data's latents."""
+    """Fail before the first step if the backbone cannot take the data's latents.
+
+    Raises:
+        LatentShapeError: one line naming both shapes, or both class counts.
+    """
     expected = latent_shape(backbone)
     if tuple(data_shape) != expected:
-        raise ValueError(
+        raise LatentShapeError(
             f"latent shape mismatch: the data ({what}) has latents of shape {tuple(data_shape)} (C, H, W) "
             f"but the backbone expects {expected}; check data.* and backbone.path")
     if num_classes > backbone.num_classes:
-        raise ValueError(
+        raise LatentShapeError(
             f"the data ({what}) has {num_classes} classes but the backbone only {backbone.num_classes}")
 
 
+def is_launching_process() -> bool:
+    """True in the process a user started; False in the extra ranks a launcher starts (Lightning's
+    DDP launcher, torchrun, SLURM), which share the first one's run folder and lock."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") in ("", "0") for name in ranks)
+
+
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
-    """Train the SideNet, export its EMA weights and say where everything went."""
+    """Train the SideNet, export its EMA weights and say where everything went.
+
+    Before any work: the run folder must not hold committed files, no other run may be using it
+    (``RunFolderLock``, held until the end), and a fresh run must find no earlier run's outputs.
+
+    Raises:
+        RunFolderError: another run holds the folder, an earlier run's outputs are there, or the
+            resumed checkpoint does not fit the configured SideNet.
+        OutputFolderError: the run folder holds files that git tracks.
+        Interrupted: Ctrl-C during training (after ``interrupted.ckpt`` is written).
+    """
+    if missing_backbone(cfg):
+        raise FileNotFoundError(missing_backbone(cfg))
+    folder = run_dir(cfg)
+    check_not_tracked(folder, "bafm train's run folder", "choose another runs_dir= or name=")
+    if cfg.trainer.fast_dev_run:
+        return _train(cfg, first=False)  # a debug step writes nothing
+    if not is_launching_process():
+        # Extra ranks run under the first process's lock, which has checked the folder already
+        # (and may have started writing into it by the time they start).
+        return _train(cfg, first=False)
+    with RunFolderLock(folder, "bafm train"):
+        return _train(cfg, first=True)
+
+
+def _train(cfg: ExperimentConfig, first: bool) -> int:
+    """The training run; ``first``: this process checks that a fresh run folder is empty."""
     from bafm.data.datamodule import LatentDataModule
     from bafm.data.digits import ensure_digits_shards
 
     ckpt_dir = training_checkpoint_dir(cfg)
-    # Before any work: a run resumes only when asked, and never mixes with an earlier run.
-    if missing_backbone(cfg):
-        raise FileNotFoundError(missing_backbone(cfg))
+    # A run resumes only when asked, and never mixes with an earlier run.
     resume = resolve_resume(cfg.trainer.resume, ckpt_dir)
-    if resume is None and not cfg.trainer.fast_dev_run:
+    if resume is None and first:
         check_fresh_run_folder(ckpt_dir, run_dir(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.source == "digits":
         ensure_digits_shards(cfg.data, cfg.seed)
     datamodule = LatentDataModule(cfg.data, seed=cfg.seed)
-    datamodule.setup("fit")
+    datamodule.setup("fit")  # shards there, batch size within the split
     bc = cfg.backbone
     backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, depth=bc.depth,
                              hidden_size=bc.hidden_size, num_heads=bc.num_heads)
-    try:
-        check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
-    except ValueError as err:  # a one-line answer, not a traceback: nothing has started yet
-        print(f"bafm train: {err}", file=sys.stderr)
-        return 2
+    check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
     features = feature_width(backbone, cfg.sidenet.feature_layer) if cfg.sidenet.backbone_features else 0
     sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes, features)
     lc = cfg.loss
@@ -125,6 +164,10 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         seed=cfg.seed, side_error_samples=cfg.trainer.side_error_samples,
         side_error_budgets=tuple(cfg.eval.callback_budgets), hparams=to_container(cfg),
     )
+    if resume is not None:
+        sizes = {k: cfg.sidenet[k] for k in ("channels", "emb_dim", "depth", "num_heads", "backbone_features",
+                                             "feature_layer") if k in cfg.sidenet}
+        check_resume_fits(resume, module, sizes)
     callbacks: List[Callback] = [
         FiniteModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                               every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=-1,
@@ -143,6 +186,9 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
         callbacks.append(NFESweepCallback(cfg.eval, lambda device: build_sweep_engine(cfg, device=device),
                                           run_dir(cfg) / "train_sweeps"))
     trainer = build_trainer(cfg, callbacks)
+    if cfg.trainer.max_steps == -1:
+        print(f"trainer.max_steps=-1: training until stopped with Ctrl-C (checkpoints every "
+              f"{cfg.trainer.checkpoint_every_n_steps} steps in {ckpt_dir})", file=sys.stderr)
     start = time.perf_counter()
     try:
         # weights_only: resuming never unpickles code, even from a checkpoint of unknown origin.
@@ -152,9 +198,8 @@ def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:
             raise
     seconds = time.perf_counter() - start
     if trainer.interrupted:
-        print(f"training interrupted at step {trainer.global_step}; resume with trainer.resume=last "
-              f"(checkpoints in {ckpt_dir})")
-        return 130
+        raise Interrupted(f"training stopped at step {trainer.global_step}; checkpoints in {ckpt_dir}; resume with "
+                          f"trainer.resume=last")
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         export = exported_sidenet_path(cfg)
         save_sidenet(module.ema_sidenet, export)
