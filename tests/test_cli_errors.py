@@ -17,16 +17,14 @@ from bafm.eval.features import build_feature_extractor
 from bafm.eval.reference_stats import cache_path, load_stats, resolve_reference_stats
 from bafm.models.checkpoint_io import CheckpointError
 from bafm.models.loading import load_backbone, load_sidenet
+from factories import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits.yaml")
 
 
 def _tiny_overrides(tiny, tmp_path):
-    return [f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-            "backbone.num_heads=2", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-            f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}",
-            f"checkpoints_dir={tmp_path / 'checkpoints'}"]
+    return tiny_model_overrides(tiny, tmp_path, with_sidenet=False)
 
 
 def _sweep(tiny, tmp_path, *extra):
