@@ -186,7 +186,9 @@ class EvalConfig:
     out_dir: str = ""  # empty: runs/<name>/nfe_sweep
     save_npz: bool = False
     grid_images: int = 64
-    is_splits: int = 10  # inception-score splits
+    is_splits: int = 10  # inception-score splits (torch-fidelity convention; ADM's are chunks of 5000)
+    # torch-fidelity | adm: how precision/recall and IS are computed (README, "Metric conventions").
+    metrics_convention: str = "torch-fidelity"
     include_reference: bool = True  # reference (dopri5) row; needed for traj_rmse
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:<i>
     # Training-time sweep (NFESweepCallback).

@@ -74,21 +74,27 @@ def test_short_run_sweeps_at_end_only_when_asked(tmp_path):
     assert sorted(p.name for p in (asked / "digits" / "train_sweeps").iterdir()) == ["step0000002.csv"]
 
 
-def test_end_sweep_schedule():
+def test_end_sweep_schedule(tmp_path):
     from bafm.config import load_config
     from bafm.training.callbacks import NFESweepCallback
 
     def cfg(*overrides):
         return load_config(DIGITS, list(overrides))
 
-    assert not NFESweepCallback.wanted(cfg("trainer.max_steps=2", "eval.every_n_steps=5"))
-    assert not NFESweepCallback.wanted(cfg("trainer.max_steps=10", "eval.every_n_steps=0"))
-    assert NFESweepCallback.wanted(cfg("trainer.max_steps=5", "eval.every_n_steps=5"))
-    assert NFESweepCallback.wanted(cfg("trainer.max_steps=-1", "eval.every_n_steps=5"))
-    assert NFESweepCallback.wanted(cfg("trainer.max_steps=2", "eval.every_n_steps=5", "eval.sweep_at_end=true"))
-    callback = NFESweepCallback(cfg("eval.every_n_steps=5"))
-    assert [callback.sweeps_at_end(s) for s in (2, 5, 7)] == [False, True, True]
-    assert NFESweepCallback(cfg("eval.every_n_steps=5", "eval.sweep_at_end=true")).sweeps_at_end(2)
+    def wanted(*overrides):
+        c = cfg(*overrides)
+        return NFESweepCallback.wanted(c.eval, c.trainer.max_steps)
+
+    def callback(*overrides):
+        return NFESweepCallback(cfg(*overrides).eval, lambda device: None, tmp_path)
+
+    assert not wanted("trainer.max_steps=2", "eval.every_n_steps=5")
+    assert not wanted("trainer.max_steps=10", "eval.every_n_steps=0")
+    assert wanted("trainer.max_steps=5", "eval.every_n_steps=5")
+    assert wanted("trainer.max_steps=-1", "eval.every_n_steps=5")
+    assert wanted("trainer.max_steps=2", "eval.every_n_steps=5", "eval.sweep_at_end=true")
+    assert [callback("eval.every_n_steps=5").sweeps_at_end(s) for s in (2, 5, 7)] == [False, True, True]
+    assert callback("eval.every_n_steps=5", "eval.sweep_at_end=true").sweeps_at_end(2)
 
 
 def test_shape_mismatch_fails_before_training(tmp_path, capsys):
@@ -191,3 +197,13 @@ def test_init_from_copies_weights_and_refuses_other_sizes(tmp_path):
     wider = SideNet(in_channels=1, channels=16, emb_dim=16, depth=2, num_heads=1, num_classes=10)
     with pytest.raises(ValueError, match="do not fit sidenet"):
         init_sidenet_from(wider, tmp_path / "s.safetensors")
+
+
+def test_a_bad_callback_plan_stops_before_the_first_training_step(tmp_path, capsys):
+    args = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=4",
+            "eval.every_n_steps=2", "eval.callback_solvers=[ba,heun]", "eval.callback_budgets=[5]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bafm train: config error: eval.callback_budgets: solver 'heun' cannot spend exactly 5 NFE "
+                   "(2 per step); nearest: 4 or 6.")
+    assert not (tmp_path / "runs").exists()  # no run folder, checkpoint or training step

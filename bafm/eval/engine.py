@@ -35,7 +35,7 @@ from bafm.eval.plan import (COLUMNS, Grids, Row, SampleSink, SweepInputError, Sw
                             check_optimized_grids, partition, plan_sweep)  # fmt: skip
 from bafm.eval.points import ReferenceCache, SweepContext, network_flops_for, reduce_point, run_point
 from bafm.sampling import REFERENCE, latent_shape
-from bafm.solvers import SOLVERS
+from bafm.solvers import is_adaptive
 from bafm.solvers.grid_store import GridTable
 
 __all__ = ["COLUMNS", "ReferenceCache", "Row", "SweepEngine", "SweepInputError", "SweepPoint", "SweepResult",
@@ -110,8 +110,8 @@ def evaluate_sweep(
     batches = [b for b in local.split(st.batch_size) if b.numel()]
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
-    key = (id(backbone), st.seed, tuple(shape), st.reference_rtol, st.reference_atol, st.reference_batch_size,
-           st.reference_solver, st.reference_steps, st.sampling.cfg_scale, st.sampling.guidance_interval,
+    key = (id(backbone), st.seed, tuple(shape), st.reference, st.reference_batch_size, st.sampling.cfg_scale,
+           st.sampling.guidance_interval,
            feature_extractor.name)
     if cache.key != key:
         cache.reset(key)
@@ -142,7 +142,7 @@ def evaluate_sweep(
             if rank != 0:
                 continue
             # A fixed-step point keeps its requested budget as key; the reference its counted NFE.
-            adaptive = SOLVERS[point.solver].nfe_per_step is None
+            adaptive = is_adaptive(point.solver)
             nfe = int(round(row["nfe"])) if adaptive else point.nfe
             if not adaptive and row["nfe"] != point.nfe:
                 warnings.warn(f"{point.solver}: {point.nfe} NFE requested, {row['nfe']} counted.", stacklevel=2)

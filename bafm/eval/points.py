@@ -23,8 +23,8 @@ from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, fd_to_reference, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
 from bafm.models.flops import NetworkFlops, measure_flops
-from bafm.sampling import (REFERENCE, grid_label, is_adaptive, reference_solve, sample_labels, sample_noise,
-                           solve_batch)
+from bafm.sampling import REFERENCE, grid_label, sample_inputs, solve_batch
+from bafm.solvers import is_adaptive
 from bafm.solvers.counting import NetworkRows
 from bafm.solvers.grid_store import GridTable
 
@@ -98,11 +98,10 @@ class SweepContext:
     flops: Optional[NetworkFlops] = None  # FLOPs per row of each network (None: the column stays NaN)
 
     def grid_name(self, solver: str) -> str:
-        """The ``grid`` column (``bafm.sampling.grid_label``; ``uniform`` for the RK4 reference)."""
-        st = self.settings
-        if solver == REFERENCE and st.reference_solver == "rk4":
-            return "uniform"  # the fixed-step reference's own grid (see reference_solve)
-        return grid_label(solver, st.sampling)
+        """The ``grid`` column: the reference's own (``Reference.grid_label``), else ``bafm.sampling.grid_label``."""
+        if solver == REFERENCE:
+            return self.settings.reference.grid_label
+        return grid_label(solver, self.settings.sampling)
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
@@ -167,20 +166,15 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             flops = sum(cache.flops[i] for i in ids)
             elapsed = sum(cache.seconds[i] for i in ids)
         else:
-            noise = sample_noise(idx, ctx.shape, ctx.settings.seed, device=device)
-            labels = sample_labels(idx, int(ctx.backbone.num_classes), device=device)
             st = ctx.settings
+            noise, labels = sample_inputs(idx, ctx.shape, st.seed, int(ctx.backbone.num_classes), device=device)
+            opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
             work = NetworkRows()
             sync(device)
             start = time.perf_counter()
-            if is_ref:
-                res = reference_solve(ctx.backbone, noise, labels, st.sampling, solver=st.reference_solver,
-                                      steps=st.reference_steps, rtol=st.reference_rtol, atol=st.reference_atol,
-                                      work=work)
-            else:
-                opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
-                res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                                  st.sampling, t_grid=t_grid, work=work, **opts)
+            res = solve_batch(ctx.backbone, None if is_ref else ctx.sidenet, point.solver, noise, labels, st.sampling,
+                              nfe=None if is_adaptive(point.solver) else point.nfe, grid=t_grid, reference=st.reference,
+                              work=work, **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x
@@ -273,9 +267,10 @@ def reduce_point(
                 "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:
         return row, None, None
-    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device))
-    if logits is not None:
-        row["is"] = inception_score(logits, splits=ctx.settings.is_splits)[0]
+    convention = ctx.settings.metrics_convention
+    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device, convention=convention))
+    if logits is not None:  # gathered in sample order, which ADM's consecutive IS chunks rely on
+        row["is"] = inception_score(logits, splits=ctx.settings.is_splits, convention=convention)[0]
     if ctx.use_reference and rmse is not None and rmse.numel():
         row["traj_rmse"] = float(rmse.double().mean())
     if point.solver == REFERENCE:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from bafm.config import ExperimentConfig, run_dir, to_container
+from bafm.config import ExperimentConfig, run_dir, sidenet_path, to_container
 from bafm.data.vae import LatentShapeError, check_latent_shape
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepResult
@@ -34,7 +34,7 @@ from bafm.eval.report import NpzSampleWriter, log_tensorboard, markdown_table, w
 from bafm.experiment import describe_sidenet, load_models
 from bafm.errors import Interrupted
 from bafm.io import OutputFolderError, atomic_write_text, check_output_folder, replace_folder, staging_folder
-from bafm.sampling import REFERENCE, describe_reference, latent_shape
+from bafm.sampling import REFERENCE, latent_shape
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -103,9 +103,9 @@ def sweep(
     staging: Optional[Path] = None
     try:
         rank, _ = world_info()
-        backbone, sidenet = load_models(cfg, solvers, device)
+        backbone, sidenet = load_models(cfg.backbone, cfg.sidenet, sidenet_path(cfg), solvers, device)
         try:  # before the engine computes reference statistics for the experiment's data
-            check_latent_shape(cfg, latent_shape(backbone))
+            check_latent_shape(cfg.data, latent_shape(backbone), cfg.backbone.path)
         except LatentShapeError as err:
             raise SweepInputError(str(err)) from None
         engine = build_sweep_engine(cfg, device=device)
@@ -126,9 +126,7 @@ def sweep(
                 print(markdown_table(result.rows), end="")
                 ref = [row for row in result.rows if row["solver"] == REFERENCE]
                 if ref:  # which ground truth traj_rmse is measured against, and what it cost
-                    print("reference: " + describe_reference(ec.reference_solver, int(ec.reference_steps),
-                                                             float(ec.reference_rtol), float(ec.reference_atol),
-                                                             float(ref[0]["nfe"])))
+                    print("reference: " + engine.settings.reference.describe(float(ref[0]["nfe"])))
                 print(f"results: {dest}")
     except KeyboardInterrupt:
         kept = "the previous sweep there is left as it was" if dest.is_dir() else "it was not created"

@@ -172,7 +172,7 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
         check_fresh_run_folder(ckpt_dir, run_dir(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.source == "digits":
-        ensure_digits_shards(cfg)
+        ensure_digits_shards(cfg.data, cfg.seed)
     datamodule = LatentDataModule(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")  # shards there, batch size within the split
     bc = cfg.backbone
@@ -210,8 +210,11 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
-    if NFESweepCallback.wanted(cfg) and not cfg.trainer.fast_dev_run:
-        callbacks.append(NFESweepCallback(cfg))
+    if NFESweepCallback.wanted(cfg.eval, cfg.trainer.max_steps) and not cfg.trainer.fast_dev_run:
+        from bafm.eval.inputs import build_sweep_engine
+
+        callbacks.append(NFESweepCallback(cfg.eval, lambda device: build_sweep_engine(cfg, device=device),
+                                          run_dir(cfg) / "train_sweeps"))
     trainer = build_trainer(cfg, callbacks)
     if cfg.trainer.max_steps == -1:
         print(f"trainer.max_steps=-1: training until stopped with Ctrl-C (checkpoints every "

@@ -36,7 +36,7 @@ def first_rows(grid: np.ndarray, rows: int) -> np.ndarray:
 
 def main(sweep: Path) -> None:
     cfg = load_config("experiments/digits.yaml")
-    images, labels = load_digits_images("val", **digits_options(cfg))
+    images, labels = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     # Same label order as the sweep's first samples (label = index mod 10).
     picks = [int((labels == i % 10).nonzero()[i // 10]) for i in range(SHOWN)]
     real = make_grid((images[picks] + 1) / 2, nrow=PER_ROW, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
