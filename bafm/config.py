@@ -169,6 +169,7 @@ def load_config(
         cfg = _merge(cfg, dot, "command-line override", replace_open_dicts=False)
         _resolve_paths(cfg, Path.cwd(), only=dot)
     _validate_values(cfg)
+    _check_plans(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
 
@@ -228,19 +229,43 @@ def _check_run_name(cfg: DictConfig) -> None:
                           "which holds the committed weights; choose another runs_dir.")
 
 
+def _choices() -> Dict[str, Sequence[str]]:
+    """key -> allowed values; the lists that a registry or a module owns are read from it."""
+    from bafm.eval.features import FEATURE_EXTRACTORS
+    from bafm.eval.grid_plan import SEARCH_METHODS
+    from bafm.eval.metrics import METRICS_CONVENTIONS
+    from bafm.models.diffusers_flow import FAMILIES
+    from bafm.models.sit import TIME_CONVENTIONS
+    from bafm.solvers import reference_solvers
+    from bafm.solvers.grids import GRID_KINDS
+
+    return {
+        "data.on_error": ("raise", "skip"),
+        "data.source": ("digits", "folder", "captions"),
+        "backbone.source": (*TIME_CONVENTIONS, *FAMILIES),  # SiT conventions, or a diffusers SD3/Flux transformer
+        "sampling.grid": GRID_KINDS,
+        # "clip": FD on CLIP image embeddings, for the SD3/Flux sweep (bafm.eval.text_sweep).
+        "eval.feature_extractor": (*FEATURE_EXTRACTORS, "clip"),
+        "eval.metrics_convention": tuple(METRICS_CONVENTIONS),
+        "optimize_grid.method": SEARCH_METHODS,
+        "eval.reference_solver": tuple(reference_solvers()),
+    }
+
+
+def _check_plans(cfg: DictConfig) -> None:
+    """Every plan (sweep, training callback, edit, grid search) against the solver registry (``bafm.plans``)."""
+    from bafm.plans import check_plans
+
+    try:
+        check_plans(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err).rstrip(".") + ".") from None
+
+
 def _validate_values(cfg: DictConfig) -> None:
     """Check enumerated string values and numeric ranges, which OmegaConf types cannot express."""
     _check_run_name(cfg)
-    choices = {
-        "data.on_error": ("raise", "skip"),
-        "data.source": ("digits", "folder", "captions"),
-        "backbone.source": ("repa", "sit", "sd3", "flux"),
-        "sampling.grid": ("uniform", "shift", "optimized", "sd3", "flux"),
-        "eval.feature_extractor": ("classifier", "inception", "clip"),
-        "optimize_grid.method": ("nelder-mead", "powell"),
-        "eval.reference_solver": ("dopri5", "rk4"),
-    }
-    for key, allowed in choices.items():
+    for key, allowed in _choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"'{key}' is '{value}', expected one of: {', '.join(allowed)}.")
@@ -248,8 +273,12 @@ def _validate_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or not ok(value):
             raise ConfigError(f"'{key}' is {value}, expected {expected}.")
-    if cfg.eval.reference_solver == "rk4" and cfg.eval.reference_steps < 1:
-        raise ConfigError(f"'eval.reference_steps' is {cfg.eval.reference_steps}, expected >= 1 for the rk4 reference.")
+    from bafm.solvers import is_adaptive, reference_solvers
+
+    ec = cfg.eval
+    if not is_adaptive(reference_solvers()[ec.reference_solver]) and ec.reference_steps < 1:
+        raise ConfigError(f"'eval.reference_steps' is {ec.reference_steps}, expected >= 1 for the "
+                          f"{ec.reference_solver} reference.")
     interval = list(cfg.sampling.guidance_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
         raise ConfigError(

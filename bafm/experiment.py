@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -12,8 +12,7 @@ from bafm.config import grid_file_candidates, sidenet_choice, sidenet_path
 from bafm.io import sha256_file
 from bafm.models.fast import apply_speed_switches
 from bafm.models.loading import load_backbone, load_sidenet
-from bafm.sampling import uses_side_fn
-from bafm.solvers import SOLVERS
+from bafm.solvers import SOLVERS, uses_side_fn
 from bafm.solvers.grid_store import GridTable, load_grid_table
 
 
@@ -37,11 +36,17 @@ def speed_switches(section: Any) -> Dict[str, Any]:
                 precision=str(section.precision), compile_scope=str(getattr(section, "compile_scope", "model")))
 
 
-def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) -> Tuple[nn.Module, Optional[nn.Module]]:
+def load_models(
+    backbone_section: Any, sidenet_section: Any, sidenet_file: Path | str, solvers: Sequence[str],
+    device: torch.device | str,
+) -> Tuple[nn.Module, Optional[nn.Module]]:
     """The frozen backbone, and the SideNet when a solver needs one.
 
     Args:
-        cfg: experiment config (``backbone.*``, ``sidenet.path``).
+        backbone_section: the ``backbone`` config section (path, architecture, speed switches).
+        sidenet_section: the ``sidenet`` config section (speed switches).
+        sidenet_file: the SideNet checkpoint (``bafm.config.sidenet_path``); read only when a solver
+            needs it.
         solvers: solver names of the sweep.
         device: where the weights go.
 
@@ -49,13 +54,13 @@ def load_models(cfg: Any, solvers: Sequence[str], device: torch.device | str) ->
         ``(backbone, sidenet or None)``, both in eval mode without gradients, wrapped by
         ``bafm.models.fast.apply_speed_switches`` when a speed switch is on.
     """
-    bc = cfg.backbone
+    bc = backbone_section
     backbone = load_backbone(bc.path, arch=bc.arch, source=bc.source, device=device,
                              depth=bc.depth, hidden_size=bc.hidden_size, num_heads=bc.num_heads)
-    sidenet = load_sidenet(sidenet_path(cfg), device=device) if needs_sidenet(solvers) else None
+    sidenet = load_sidenet(Path(sidenet_file), device=device) if needs_sidenet(solvers) else None
     # Speed switches (compile, CUDA graphs, channels-last, precision) from backbone.* / sidenet.*.
     backbone = apply_speed_switches(backbone, **speed_switches(bc))
-    sidenet = apply_speed_switches(sidenet, **speed_switches(cfg.sidenet)) if sidenet is not None else None
+    sidenet = apply_speed_switches(sidenet, **speed_switches(sidenet_section)) if sidenet is not None else None
     return backbone, sidenet
 
 
@@ -78,6 +83,20 @@ def check_grids_match_sidenet(table: GridTable, side: Path) -> None:
             f"'{side}' (sha256 {actual[:12]}); run `make optimize-grid` for this SideNet, or point "
             "sampling.grid_file at grids searched for it"
         )
+
+
+def grids_in_use(cfg: Any, error: Type[Exception]) -> Optional[GridTable]:
+    """The optimized grids when ``sampling.grid`` is ``optimized`` (see ``load_optimized_grids``), else None.
+
+    Raises:
+        error: the grid file is missing, malformed or of another SideNet (the command's input error).
+    """
+    if str(cfg.sampling.grid) != "optimized":
+        return None
+    try:
+        return load_optimized_grids(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise error(str(err)) from None
 
 
 def load_optimized_grids(cfg: Any) -> GridTable:

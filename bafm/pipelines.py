@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from bafm.models.diffusers_flow import FlowTransformerBackbone, pack_latents
 from bafm.models.text_condition import TextCondition
 from bafm.models.text_sampling import build_text_sampling_fns
-from bafm.sampling import GridSpec, integrate, sample_noise, uses_side_fn
-from bafm.solvers import SolveResult
-from bafm.solvers.grids import flux_mu
+from bafm.sampling import integrate, sample_noise
+from bafm.solvers import SolveResult, uses_side_fn
+from bafm.solvers.grids import GridSpec, flux_mu
 
 # Pipeline defaults (diffusers 0.42.1): SD3's guidance_scale, FLUX.1-dev's distilled guidance.
 SD3_DEFAULT_CFG = 7.0

@@ -18,22 +18,20 @@ backbone batch). The NFE sweep, the training callback, training and editing all 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from bafm.models.anchor_features import AnchorFn, anchor_for, uses_backbone_features
 from bafm.models.guidance import DEFAULT_GUIDANCE_INTERVAL, BackboneVelocity, SideVelocity, build_sampling_fns
-from bafm.solvers import SOLVERS, SideFn, SolveResult, VelocityFn, get_solver
-from bafm.solvers.grids import make_grid, nfe_for_steps, steps_for_nfe, uniform_grid
+from bafm.solvers import SideFn, SolveResult, VelocityFn, get_solver, is_adaptive, uses_side_fn
+from bafm.solvers.counting import NetworkRows
+from bafm.solvers.grids import GridSpec, solve_grid
+from bafm.solvers.ground_truth import Reference
 
+# The name of the reference row of a sweep or an edit, whichever solver the ``Reference`` uses.
 REFERENCE = "reference"
-# How the sweep's ground truth is solved: adaptive dopri5 (NFE unbounded, as counted), or classic
-# RK4 at ``reference_steps`` uniform steps (exactly 4 NFE per step: bounded, for paper-scale backbones).
-REFERENCE_SOLVERS = ("dopri5", "rk4")
-# A named grid kind ("uniform", "shift") or an explicit 1-D grid.
-GridSpec = Union[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -127,14 +125,12 @@ def sample_labels(indices: Sequence[int] | Tensor, num_classes: int, device: tor
     return (idx % int(num_classes)).to(device)
 
 
-def uses_side_fn(solver: str) -> bool:
-    """Whether a registered solver needs a SideNet (``ba``, ``ba-single``)."""
-    return bool(getattr(SOLVERS[solver], "uses_side_fn", False))
-
-
-def is_adaptive(solver: str) -> bool:
-    """Whether a registered solver picks its own steps (``reference``), so has no NFE budget."""
-    return get_solver(solver).nfe_per_step is None
+def sample_inputs(
+    indices: Sequence[int] | Tensor, shape: Sequence[int], seed: int, num_classes: int,
+    device: torch.device | str = "cpu",
+) -> Tuple[Tensor, Tensor]:
+    """Noise ``(B, *shape)`` (``sample_noise``) and labels ``(B,)`` (``sample_labels``) of global sample indices."""
+    return sample_noise(indices, shape, seed, device=device), sample_labels(indices, num_classes, device=device)
 
 
 def grid_label(solver: str, sampling: SamplingSettings) -> str:
@@ -144,116 +140,9 @@ def grid_label(solver: str, sampling: SamplingSettings) -> str:
         return "adaptive"
     if sampling.grid in ("shift", "sd3"):
         return f"{sampling.grid}:{sampling.shift:g}"
-    if sampling.grid == "flux" and sampling.mu is not None:
+    if sampling.grid == "flux" and getattr(sampling, "mu", None) is not None:
         return f"flux:{sampling.mu:g}"
     return sampling.grid
-
-
-def steps_for_budget(solver: str, nfe: Optional[int]) -> int:
-    """Grid intervals that spend exactly ``nfe`` backbone calls in one direction.
-
-    Args:
-        solver: registry name.
-        nfe: NFE budget; must be None for an adaptive solver (its calls are counted, not set).
-
-    Returns:
-        The number of steps (1 for an adaptive solver, which only uses the endpoints).
-
-    Raises:
-        ValueError: unknown solver, budget given to an adaptive solver, missing or infeasible
-            budget (naming the nearest feasible ones).
-    """
-    if is_adaptive(solver):
-        if nfe is not None:
-            raise ValueError(f"solver '{solver}' is adaptive: it takes no NFE budget (got {nfe}); pass nfe=None")
-        return 1
-    if nfe is None:
-        raise ValueError(f"solver '{solver}' needs an NFE budget (nfe=...)")
-    return steps_for_nfe(solver, nfe)
-
-
-def time_grid(
-    solver: str,
-    steps: int,
-    grid: str = "uniform",
-    *,
-    shift: float = 1.0,
-    increasing: bool = False,
-    dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device | str] = None,
-    mu: Optional[float] = None,
-) -> Tensor:
-    """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for adaptive solvers.
-
-    Args:
-        solver: solver name.
-        steps: grid intervals (ignored by adaptive solvers: ``reference``, ``ba-adaptive``).
-        grid: grid kind (``bafm.solvers.grids.GRID_KINDS`` but ``"optimized"``).
-        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
-        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
-        dtype: grid dtype; the solver rounds it to the state's dtype.
-        device: grid device.
-        mu: log shift of ``"flux"`` grids.
-
-    Returns:
-        Strictly monotone 1-D grid between 1 and 0; inversion and generation with the same
-        arguments visit the same times, in opposite orders.
-    """
-    if is_adaptive(solver):
-        t_grid = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
-    else:
-        t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device, mu=mu)
-    return t_grid.flip(0) if increasing else t_grid
-
-
-def solve_grid(
-    solver: str,
-    nfe: Optional[int],
-    grid: GridSpec = "uniform",
-    *,
-    shift: float = 1.0,
-    increasing: bool,
-    dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device | str] = None,
-    mu: Optional[float] = None,
-) -> Tensor:
-    """The time grid of one solve that spends an NFE budget.
-
-    Args:
-        solver: registry name.
-        nfe: NFE budget (None for an adaptive solver, or to take the steps from an explicit grid).
-        grid: ``"uniform"`` / ``"shift"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
-            explicit strictly monotone grid between 0 and 1 in either orientation.
-        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
-        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
-        dtype: dtype of a named grid (an explicit one keeps its own).
-        device: device of the grid.
-        mu: log shift of ``"flux"`` grids.
-
-    Returns:
-        1-D grid from 0 to 1 (``increasing``) or from 1 to 0.
-
-    Raises:
-        ValueError: unknown grid kind, a budget that the explicit grid does not spend, bad budget.
-    """
-    if isinstance(grid, str):
-        t_grid = make_grid(grid, steps_for_budget(solver, nfe), shift=shift, dtype=dtype, device=device, mu=mu)
-    else:
-        t_grid = torch.as_tensor(grid, device=device)
-        if t_grid.dim() != 1 or t_grid.numel() < 2:
-            raise ValueError(f"grid must be a 1-D tensor with at least 2 points, got shape {tuple(t_grid.shape)}")
-        if t_grid[0] < t_grid[-1]:
-            t_grid = t_grid.flip(0)  # store decreasing; flipped back below for inversions
-        if nfe is not None and not is_adaptive(solver):
-            spent = nfe_for_steps(solver, t_grid.numel() - 1)
-            if spent != nfe:
-                raise ValueError(
-                    f"solver '{solver}' spends {spent} NFE on the given {t_grid.numel() - 1}-step grid, not {nfe}"
-                )
-    if not (float(t_grid[0]) == 1.0 and float(t_grid[-1]) == 0.0):
-        ends = (float(t_grid[-1]), float(t_grid[0]))
-        raise ValueError(f"grid must run between t = 0 and t = 1, got endpoints {ends}")
-    return t_grid.flip(0) if increasing else t_grid
 
 
 def sampling_fns(
@@ -289,7 +178,7 @@ def solve(
 ) -> SolveResult:
     """Run a registered solver on ``t_grid``, handing ``side_fn`` only to the solvers that take one."""
     fn = get_solver(solver)
-    if fn.uses_side_fn:
+    if uses_side_fn(solver):
         solver_options = {**solver_options, "side_fn": side_fn}
     return fn(velocity_fn, x, t_grid.to(device=x.device), **solver_options)
 
@@ -314,13 +203,13 @@ def integrate(
             ``(B, ...)``, ``t`` ``(B,)``.
         x: start state ``(B, ...)``: noise at ``t = 1``, or data at ``t = 0`` when ``increasing``.
         solver: registry name.
-        nfe: backbone calls to spend (None for ``reference``, or with an explicit grid).
+        nfe: backbone calls to spend (None for an adaptive solver, or with an explicit grid).
         side_fn: ``side_fn(x, v, t, h)`` for the SideNet solvers; ignored by the others.
         grid: grid kind or explicit grid (see ``solve_grid``).
         shift: time shift of ``"shift"`` and ``"sd3"`` grids.
         increasing: False generates (``t`` from 1 down to 0), True inverts (0 up to 1).
         mu: log shift of ``"flux"`` grids.
-        **solver_options: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
+        **solver_options: passed to the solver (e.g. ``rtol``/``atol`` of an adaptive one).
 
     Returns:
         The solver's ``SolveResult``; ``x`` is the state ``(B, ...)`` at the grid's end.
@@ -341,52 +230,63 @@ def solve_batch(
     backbone: nn.Module,
     sidenet: Optional[nn.Module],
     solver: str,
-    steps: int,
-    noise: Tensor,
-    labels: Tensor,
-    sampling: SamplingSettings,
-    t_grid: Optional[Tensor] = None,
-    **solver_opts: Any,
-) -> SolveResult:
-    """Integrate one batch from noise (``t = 1``) to data (``t = 0``) in ``steps`` intervals.
-
-    Args:
-        backbone: module with ``velocity(x, t, y)`` and ``num_classes`` (null class id).
-        sidenet: module with ``velocity(x, v, t, h, y)``; required by ``ba`` and ``ba-single``.
-        solver: name in ``SOLVERS``.
-        steps: grid intervals.
-        noise: ``(B, C, H, W)`` starting state.
-        labels: ``(B,)`` int64 class labels.
-        sampling: grid and guidance.
-        t_grid: an explicit grid (e.g. an optimized one) instead of ``time_grid(...)``.
-        **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` for ``reference``).
-
-    Returns:
-        The solver's ``SolveResult`` (``x``: ``(B, C, H, W)`` latents at ``t = 0``).
-    """
-    velocity_fn, side_fn = sampling_fns(
-        solver, backbone.velocity, labels, null_class=int(backbone.num_classes),
-        side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=float(sampling.cfg_scale),
-        interval=sampling.guidance_interval,
-        anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None,
-    )  # fmt: skip
-    if t_grid is None:
-        # Duck-typed settings without a flux grid may not carry ``mu``.
-        t_grid = time_grid(solver, steps, sampling.grid, shift=sampling.shift, device=noise.device,
-                           mu=getattr(sampling, "mu", None))
-    return solve(velocity_fn, noise, solver, t_grid, side_fn, **solver_opts)
-
-
-def reference_solve(
-    backbone: nn.Module,
-    noise: Tensor,
+    x: Tensor,
     labels: Tensor,
     sampling: SamplingSettings,
     *,
-    solver: str = "dopri5",
-    steps: int = 0,
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
+    nfe: Optional[int] = None,
+    grid: Optional[GridSpec] = None,
+    increasing: bool = False,
+    reference: Optional[Reference] = None,
+    work: Optional[NetworkRows] = None,
+    **solver_opts: Any,
+) -> SolveResult:
+    """Integrate one batch of a backbone (and SideNet) between noise and data, either way.
+
+    The closures of ``sampling_fns`` (labels, guidance, SideNet) on the grid of ``integrate``: the
+    one path that the sweep, the training callback, the grid search and edit sample on.
+
+    Args:
+        backbone: module with ``velocity(x, t, y)`` and ``num_classes`` (null class id).
+        sidenet: module with ``velocity(x, v, t, h, y)``; required by the SideNet solvers (``uses_side_fn``).
+        solver: registry name, or ``"reference"`` with ``reference`` (the configured ground truth).
+        x: ``(B, C, H, W)`` noise at ``t = 1``, or data at ``t = 0`` when ``increasing``.
+        labels: ``(B,)`` int64 class labels.
+        sampling: guidance, and the grid kind (``sampling.grid``, ``sampling.shift``, ``sampling.mu``) when
+            ``grid`` is None.
+        nfe: NFE budget of the solve (None for an adaptive solver, or to take the steps from ``grid``).
+        grid: an explicit grid in either orientation (e.g. an optimized one), or a grid kind.
+        increasing: False generates (``t`` from 1 down to 0), True inverts (0 up to 1).
+        reference: the ground truth's solver and options, used when ``solver`` is ``"reference"``.
+        work: when given, the rows that pass through the backbone and the SideNet are added to it
+            (a guided call counts its doubled batch).
+        **solver_opts: passed to the solver (e.g. ``rtol``/``atol`` of an adaptive one).
+
+    Returns:
+        The solver's ``SolveResult`` (``x``: ``(B, C, H, W)`` at the grid's end).
+    """
+    if solver == REFERENCE and reference is not None:
+        solver, grid, nfe = reference.solver, reference.grid(device=x.device), None
+        solver_opts = {**reference.options(), **solver_opts}
+    backbone_velocity = backbone.velocity
+    side_velocity = sidenet.velocity if sidenet is not None else None
+    anchor = anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None
+    if work is not None:
+        backbone_velocity = work.backbone_fn(backbone_velocity)
+        side_velocity = work.sidenet_fn(side_velocity) if side_velocity is not None else None
+        anchor = work.backbone_fn(anchor) if anchor is not None else None
+    velocity_fn, side_fn = sampling_fns(
+        solver, backbone_velocity, labels, null_class=int(backbone.num_classes), side_velocity=side_velocity,
+        cfg_scale=float(sampling.cfg_scale), interval=sampling.guidance_interval, anchor=anchor,
+    )
+    # Duck-typed settings without a flux grid may not carry ``mu``.
+    return integrate(velocity_fn, x, solver, nfe, side_fn, sampling.grid if grid is None else grid,
+                     shift=sampling.shift, increasing=increasing, mu=getattr(sampling, "mu", None), **solver_opts)
+
+
+def reference_solve(
+    backbone: nn.Module, noise: Tensor, labels: Tensor, sampling: SamplingSettings, reference: Reference,
+    work: Optional[NetworkRows] = None,
 ) -> SolveResult:
     """The ground truth that ``traj_rmse`` is measured against, for one batch.
 
@@ -394,66 +294,44 @@ def reference_solve(
         backbone: see ``solve_batch``.
         noise: ``(B, C, H, W)`` starting state at ``t = 1``.
         labels: ``(B,)`` int64 class labels.
-        sampling: guidance (its grid is not used).
-        solver: ``dopri5`` (the adaptive ``reference`` solver with ``rtol``/``atol``; its NFE is
-            not bounded in advance) or ``rk4`` (``steps`` uniform steps, exactly ``4 * steps`` NFE).
-        steps: RK4 steps (ignored by dopri5).
-        rtol: dopri5's relative tolerance (None: the solver's default).
-        atol: dopri5's absolute tolerance (None: as ``rtol``).
+        sampling: guidance (its grid is not used: the reference's own grid is).
+        reference: the solver and its options (see ``bafm.solvers.ground_truth``).
+        work: counts the backbone rows (see ``solve_batch``).
 
     Returns:
         The ``SolveResult``; ``nfe`` as counted.
-
-    Raises:
-        ValueError: unknown ``solver`` or ``steps < 1`` for RK4.
     """
-    if solver not in REFERENCE_SOLVERS:
-        raise ValueError(f"reference solver is '{solver}', expected one of: {', '.join(REFERENCE_SOLVERS)}.")
-    if solver == "dopri5":
-        return solve_batch(backbone, None, REFERENCE, 0, noise, labels, sampling, rtol=rtol, atol=atol)
-    if int(steps) < 1:
-        raise ValueError(f"reference solver '{solver}' needs reference_steps >= 1, got {steps}.")
-    # A uniform grid: the ground truth must not depend on the sampling grid being evaluated.
-    grid = uniform_grid(int(steps), dtype=torch.float64, device=noise.device)
-    return solve_batch(backbone, None, solver, int(steps), noise, labels, sampling, t_grid=grid)
-
-
-def describe_reference(solver: str, steps: int, rtol: float, atol: float, nfe: Optional[float] = None) -> str:
-    """One line naming the reference and its NFE per sample, e.g. ``rk4, 50 steps, 200 NFE per sample``."""
-    what = f"rk4, {steps} steps" if solver == "rk4" else f"dopri5 (rtol {rtol:g}, atol {atol:g})"
-    return what + ("" if nfe is None else f", {nfe:.6g} NFE per sample")
+    return solve_batch(backbone, None, REFERENCE, noise, labels, sampling, reference=reference, work=work)
 
 
 def generate(
     backbone: nn.Module,
     sidenet: Optional[nn.Module],
     solver: str,
-    steps: int,
     indices: Sequence[int] | Tensor,
     seed: int,
     sampling: SamplingSettings,
+    *,
     device: torch.device | str = "cpu",
     shape: Optional[Sequence[int]] = None,
-    **solver_opts: Any,
+    **solve_options: Any,
 ) -> SolveResult:
-    """Samples for given global indices: per-sample noise, cyclic labels, one solve.
+    """Samples for given global indices: per-sample noise, cyclic labels, one ``solve_batch``.
 
     Args:
         backbone: see ``solve_batch``.
         sidenet: see ``solve_batch``.
-        solver: name in ``SOLVERS``.
-        steps: grid intervals.
+        solver: see ``solve_batch``.
         indices: global sample indices ``(B,)``.
         seed: base seed.
         sampling: grid and guidance.
         device: where to sample.
         shape: latent shape ``(C, H, W)``; read from the backbone when None.
-        **solver_opts: passed to the solver.
+        **solve_options: ``solve_batch``'s keywords (``nfe``, ``grid``, ``reference``, solver options).
 
     Returns:
         The ``SolveResult``; ``x`` is ``(B, C, H, W)``.
     """
     shape = tuple(shape) if shape is not None else latent_shape(backbone)
-    noise = sample_noise(indices, shape, seed, device=device)
-    labels = sample_labels(indices, int(backbone.num_classes), device=device)
-    return solve_batch(backbone, sidenet, solver, steps, noise, labels, sampling, **solver_opts)
+    noise, labels = sample_inputs(indices, shape, seed, int(backbone.num_classes), device=device)
+    return solve_batch(backbone, sidenet, solver, noise, labels, sampling, **solve_options)

@@ -77,6 +77,10 @@ class SideNetConfig:
     # Text-to-image SideNet only: its body runs on p x p latent patches folded into channels (2: 4x fewer
     # positions, ~11x fewer FLOPs at 128x128 latents); 1 is the release's layout.
     patch_size: int = 1
+    # Start training from these SideNet weights (a bafm export): a fine-tuning stage. Weights the
+    # export lacks (the feature maps of a feature SideNet started from a feature-free one) keep
+    # their zero initialisation. Empty: train from scratch.
+    init_from: str = ""
     # Beyond the paper: read the backbone's hidden tokens at each anchor (no extra NFE; see
     # bafm.models.anchor_features). False is the release architecture.
     backbone_features: bool = False
@@ -97,6 +101,10 @@ class LossConfig:
     offset_rate: float = 50.0  # rate of the truncated exponential for |h|
     p_backward: float = 0.5  # probability of a negative (toward noise) offset
     label_dropout: float = 0.1  # CFG null-class probability
+    # Grid-aware fine-tuning (bafm.training.grid_loss): the last grid_steps steps train on the four
+    # probes of BA steps on uniform grids of grid_budgets steps (0: the chain loss throughout).
+    grid_steps: int = 0
+    grid_budgets: List[int] = field(default_factory=lambda: [3, 4, 5, 6, 8, 10])
 
 
 @dataclass
@@ -194,7 +202,9 @@ class EvalConfig:
     out_dir: str = ""  # empty: runs/<name>/nfe_sweep
     save_npz: bool = False
     grid_images: int = 64
-    is_splits: int = 10  # inception-score splits
+    is_splits: int = 10  # inception-score splits (torch-fidelity convention; ADM's are chunks of 5000)
+    # torch-fidelity | adm: how precision/recall and IS are computed (README, "Metric conventions").
+    metrics_convention: str = "torch-fidelity"
     include_reference: bool = True  # reference (dopri5) row; needed for traj_rmse
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:<i>
     # Training-time sweep (NFESweepCallback).

@@ -69,8 +69,7 @@ def run(cfg: ExperimentConfig, out: Optional[str]) -> int:
         OutputFolderError: ``out`` cannot be written.
     """
     from bafm.pipelines import ba_generate
-    from bafm.sampling import uses_side_fn
-    from bafm.solvers import SOLVERS
+    from bafm.solvers import SOLVERS, uses_side_fn
 
     family, sc = str(cfg.backbone.source), cfg.sample
     if family not in PIPELINES:

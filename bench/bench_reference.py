@@ -28,6 +28,7 @@ from common import RESULTS_DIR, ResultFile  # noqa: E402
 from bafm.config import load_config, sampling_settings  # noqa: E402
 from bafm.sampling import latent_shape, reference_solve, sample_labels, sample_noise  # noqa: E402
 from bafm.models.loading import load_backbone  # noqa: E402
+from bafm.solvers.ground_truth import Reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,7 @@ def solve_all(backbone, cfg, samples: int, group: int, solver: str, steps: int, 
         idx = torch.arange(lo, min(lo + group, samples))
         noise = sample_noise(idx, latent_shape(backbone), int(cfg.eval.seed), dtype=dtype)
         labels = sample_labels(idx, int(backbone.num_classes))
-        res = reference_solve(backbone, noise, labels, sampling_settings(cfg), solver=solver, steps=steps, rtol=tol,
-                              atol=tol)
+        res = reference_solve(backbone, noise, labels, sampling_settings(cfg), Reference(solver, steps, tol, tol))
         out.append(res.x.double())
         nfe += float(res.nfe) * len(idx)
     return torch.cat(out), nfe / samples, time.perf_counter() - start

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -34,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from common import RESULTS_DIR, Deadline, ResultFile, free_memory, prepare_device, randomize_zero_init_  # noqa: E402
+from common import (RESULTS_DIR, Deadline, ResultFile, add_run_arguments, device_and_preset, free_memory,  # noqa: E402
+                    randomize_zero_init_)
 from common import profile_call, time_call, wall_time  # noqa: E402
 
 from bafm.models import SideNet, build_sit, count_parameters, load_backbone, load_sidenet  # noqa: E402
@@ -264,17 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--e2e-repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="record the top kernels of one forward probe")
-    p.add_argument("--budget-s", type=float, default=None, help="skip phases once this much time has passed")
-    p.add_argument("--out", default=None)
-    return p
+    return add_run_arguments(p)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; write JSON after every measurement."""
     args = build_parser().parse_args(argv)
-    device = prepare_device(args.device)
-    cuda = device.type == "cuda"
-    preset = args.preset or ("sit-xl2" if cuda else "tiny")
+    device, cuda, preset = device_and_preset(args)
     batch_sizes = args.batch_sizes or ([16, 64, 256] if cuda else [2, 4])
     variants = args.variants or (list(VARIANTS) if cuda else ["naive", "eager", "compiled"])
     e2e_variants = variants if args.e2e_variants is None else args.e2e_variants
@@ -330,7 +326,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"B={batch} {variant}: FAILED {type(err).__name__}: {err}")
             finally:
                 del fast_backbone, fast_side
-                gc.collect()
                 free_memory(device)
     result.finish()
     return 0

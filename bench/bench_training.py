@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import sys
 import time
 from contextlib import nullcontext
@@ -30,8 +29,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench_sampling import PRESETS, AutocastVelocity, build_models  # noqa: E402
-from common import (RESULTS_DIR, Deadline, ResultFile, free_memory, peak_memory_gib, prepare_device,  # noqa: E402
-                    reset_peak_memory, synchronize)  # fmt: skip
+from common import (RESULTS_DIR, Deadline, ResultFile, add_run_arguments, device_and_preset, free_memory,  # noqa: E402
+                    peak_memory_gib, reset_peak_memory, synchronize)  # fmt: skip
 
 from bafm.models.fallback import FallbackChain  # noqa: E402
 from bafm.models.fast import FastVelocity, optimize_for_inference  # noqa: E402
@@ -139,17 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="backbone checkpoint (default: random weights)")
     p.add_argument("--source", default="repa", choices=["repa", "sit"])
     p.add_argument("--sidenet", default=None, help="initial SideNet weights (default: random)")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--out", default=None)
-    return p
+    return add_run_arguments(p)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; write JSON after every measurement."""
     args = build_parser().parse_args(argv)
-    device = prepare_device(args.device)
-    cuda = device.type == "cuda"
-    preset = args.preset or ("sit-xl2" if cuda else "tiny")
+    device, cuda, preset = device_and_preset(args)
     batch_sizes = args.batch_sizes or ([64] if cuda else [4])
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     steps = args.steps if args.steps is not None else (10 if cuda else 2)
@@ -179,7 +174,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 result.error(f"B={batch} {variant}", err)
                 print(f"B={batch} {variant}: FAILED {type(err).__name__}: {err}")
             finally:
-                gc.collect()
                 free_memory(device)
     result.finish()
     return 0

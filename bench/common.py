@@ -7,6 +7,7 @@ with everything measured so far.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,6 +42,20 @@ def prepare_device(name: str = "auto") -> torch.device:
         enable_tf32()
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     return device
+
+
+def add_run_arguments(parser: Any) -> Any:
+    """``--budget-s`` (skip phases once this much time has passed) and ``--out`` (the JSON file)."""
+    parser.add_argument("--budget-s", type=float, default=None, help="skip phases once this much time has passed")
+    parser.add_argument("--out", default=None)
+    return parser
+
+
+def device_and_preset(args: Any) -> Tuple[torch.device, bool, str]:
+    """``--device`` prepared, whether it is CUDA, and ``--preset`` (default: sit-xl2 on CUDA, tiny on CPU)."""
+    device = prepare_device(args.device)
+    cuda = device.type == "cuda"
+    return device, cuda, args.preset or ("sit-xl2" if cuda else "tiny")
 
 
 def device_info(device: torch.device) -> Dict[str, Any]:
@@ -171,7 +186,8 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
 
 
 def free_memory(device: torch.device) -> None:
-    """Release cached device memory between benchmark phases."""
+    """Release the previous phase's objects and cached device memory between benchmark phases."""
+    gc.collect()
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.empty_cache()

@@ -1,12 +1,14 @@
-"""Run every benchmark (``make bench``): sampling latency, SideNet training throughput, data loader.
+"""Run every benchmark (``make bench``): sampling latency, SideNet training throughput, data loader,
+and the FLOPs of the embedded default's backbone and SideNet.
 
 On a CUDA machine: SiT-XL/2 at paper scale (batch 16/64/256 with CFG), results in
 ``bench/results/{sampling,training}_gpu.json``. On a CPU-only machine: the same harness at tiny
 sizes (``*_cpu_tiny.json``), which proves the scripts but says nothing about GPU speed. The CPU
-data-loader benchmark runs on both (``loader_cpu.json``). Each benchmark runs in its own process,
+data-loader benchmark and the FLOP count (``sidenet_flops.json``: counts, not timings) run on
+both. Each benchmark runs in its own process,
 so one failing does not stop the others; the exit status is non-zero if any failed.
 
-    python bench/run_all.py [--quick] [--only sampling training loader] [--out-dir DIR]
+    python bench/run_all.py [--quick] [--only sampling training loader flops] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("sampling", "training", "loader")
+BENCHMARKS = ("sampling", "training", "loader", "flops")
 
 
 def commands(cuda: bool, quick: bool, out_dir: Path) -> Dict[str, List[str]]:
@@ -30,6 +32,7 @@ def commands(cuda: bool, quick: bool, out_dir: Path) -> Dict[str, List[str]]:
     sampling = ["--out", str(out_dir / f"sampling_{tag}.json")]
     training = ["--out", str(out_dir / f"training_{tag}.json")]
     loader = ["--out", str(out_dir / "loader_cpu.json")]
+    flops = ["--out", str(out_dir / "sidenet_flops.json")]
     if quick:  # a smoke run: fewer sizes, repeats and variants
         sampling += ["--batch-sizes", "64" if cuda else "2", "--repeats", "5", "--warmup", "2",
                      "--solvers", "ba:5", "ba:10", "euler:50", "euler:100"]  # fmt: skip
@@ -41,6 +44,7 @@ def commands(cuda: bool, quick: bool, out_dir: Path) -> Dict[str, List[str]]:
         "sampling": [sys.executable, str(HERE / "bench_sampling.py"), *sampling],
         "training": [sys.executable, str(HERE / "bench_training.py"), *training],
         "loader": [sys.executable, str(HERE / "bench_loader.py"), *loader],
+        "flops": [sys.executable, str(HERE / "bench_sidenet_flops.py"), *flops],
     }
 
 

@@ -49,6 +49,23 @@ def tiny_digits_overrides(tmp_path: Path) -> list:
     ]
 
 
+def tiny_model_overrides(
+    tiny: Path, tmp_path: Path, sidenet: Path | None = None, *, with_sidenet: bool = True
+) -> list:
+    """Overrides that point ``experiments/digits.yaml`` at the ``tiny`` fixture's models and ``tmp_path`` folders.
+
+    ``sidenet``: the SideNet file (default: the tiny one); ``with_sidenet=False`` leaves ``sidenet.path``
+    unset, so the experiment's own choice of SideNet applies.
+    """
+    side = [f"sidenet.path={sidenet or tiny / 'sidenet.safetensors'}"] if with_sidenet else []
+    return [
+        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
+        "backbone.num_heads=2", *side, f"eval.classifier_path={tiny / 'classifier.safetensors'}",
+        f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}",
+        f"checkpoints_dir={tmp_path / 'checkpoints'}",
+    ]
+
+
 def synthetic_shards(folder: Path, shape=(4, 8, 8), n: int = 64, num_classes: int = 10, per_shard: int = 32,
                      scaling_factor: float = 0.18215) -> Path:
     """Random latent moments in ``folder`` as a ``train`` split with its manifest."""

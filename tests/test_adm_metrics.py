@@ -35,6 +35,22 @@ def _brute_force(gen: np.ndarray, real: np.ndarray, k: int) -> tuple:
     return inside(gen, real), inside(real, gen)
 
 
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of Gaussian fits, from the formula with scipy's matrix square root."""
+    from scipy.linalg import sqrtm
+
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * sqrtm(sa @ sb).real))
+
+
+def _reference(cfg, extractor, **kwargs):
+    """The reference of an experiment config, as the sweep's inputs build it."""
+    import bafm.eval.reference_stats as rs
+
+    return rs.resolve_reference_stats(cfg.eval, cfg.data, extractor, seed=cfg.seed, **kwargs)
+
+
 def test_identical_sets_score_one_and_far_sets_zero():
     real = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
     assert precision_recall(real.clone(), real) == (1.0, 1.0)
@@ -79,9 +95,9 @@ def test_reference_metrics_row_values():
     real_s, fake_s = torch.randn(40, 6, generator=gen_), torch.randn(30, 6, generator=gen_)
     ref = ReferenceStats(pool=feature_statistics(real), spatial=feature_statistics(real_s), features=real)
     got = reference_metrics(fake, ref, spatial=fake_s)
-    assert got["fid"] == frechet_distance(feature_statistics(fake), ref.pool)
-    assert got["sfid"] == frechet_distance(feature_statistics(fake_s), ref.spatial)
-    assert (got["precision"], got["recall"]) == precision_recall(fake, real)
+    assert got["fid"] == pytest.approx(_frechet(fake.numpy(), real.numpy()), rel=1e-9)
+    assert got["sfid"] == pytest.approx(_frechet(fake_s.numpy(), real_s.numpy()), rel=1e-9)
+    assert (got["precision"], got["recall"]) == _brute_force(fake.numpy(), real.numpy(), 3)
 
     # Plain statistics (FID only): the other metrics have no inputs and are None (blank cells).
     only_fid = reference_metrics(fake, ref.pool, spatial=fake_s)
@@ -194,12 +210,12 @@ def test_digits_reference_keeps_all_real_features_and_caches_them(tiny, tmp_path
 
     cfg = _digits_cfg(tiny, tmp_path)
     extractor = build_feature_extractor("classifier", classifier_path=cfg.eval.classifier_path)
-    ref = rs.resolve_reference_stats(cfg, extractor)
-    real = extractor(rs.digits_images01(cfg))[0]
+    ref = _reference(cfg, extractor)
+    real = extractor(rs.digits_images01(cfg.data, cfg.seed))[0]
     assert ref.features.shape == (1797, extractor.feature_dim) and ref.spatial is None  # all digits < 10000
     torch.testing.assert_close(ref.features, real)
     np.testing.assert_allclose(ref.pool.mu, feature_statistics(real).mu, rtol=1e-10)
-    cached, info = rs.load_reference(rs.cache_path(cfg))
+    cached, info = rs.load_reference(rs.cache_path(cfg.data))
     assert info["prc_size"] == 10000 and "mu_s" not in info["keys"]
     torch.testing.assert_close(cached.features, real)
 
@@ -208,12 +224,12 @@ def test_digits_reference_keeps_all_real_features_and_caches_them(tiny, tmp_path
 
     with monkeypatch.context() as m:
         m.setattr(rs, "compute_reference", no_compute)
-        torch.testing.assert_close(rs.resolve_reference_stats(cfg, extractor).features, real)
-        assert rs.resolve_reference_stats(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=0"),
+        torch.testing.assert_close(_reference(cfg, extractor).features, real)
+        assert _reference(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=0"),
                                           extractor).features is None  # off: no features, cache still valid
 
     # A seeded subset when the reference set is larger than eval.prc_reference_size (recomputed: new size).
-    small = rs.resolve_reference_stats(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=100"), extractor)
+    small = _reference(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=100"), extractor)
     idx = rs.prc_subset(1797, 100)
     assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 100 and idx.max() < 1797
     assert torch.equal(idx, rs.prc_subset(1797, 100)) and not torch.equal(idx, torch.arange(100))
@@ -221,13 +237,13 @@ def test_digits_reference_keeps_all_real_features_and_caches_them(tiny, tmp_path
     np.testing.assert_allclose(small.pool.mu, ref.pool.mu, rtol=1e-10)  # FID still uses every image
 
     # A cache written before precision/recall (mu/sigma only) is recomputed, not trusted.
-    rs.save_stats(rs.cache_path(cfg), ref.pool, extractor=extractor.name, source=rs._source_of(cfg))
-    assert "prc_features" not in rs.load_reference(rs.cache_path(cfg))[1]["keys"]
-    again = rs.resolve_reference_stats(cfg, extractor)
+    rs.save_stats(rs.cache_path(cfg.data), ref.pool, extractor=extractor.name, source=rs._source_of(cfg.eval, cfg.data))
+    assert "prc_features" not in rs.load_reference(rs.cache_path(cfg.data))[1]["keys"]
+    again = _reference(cfg, extractor)
     torch.testing.assert_close(again.features, real)
-    assert "prc_features" in rs.load_reference(rs.cache_path(cfg))[1]["keys"]
+    assert "prc_features" in rs.load_reference(rs.cache_path(cfg.data))[1]["keys"]
     with pytest.raises(ValueError, match="eval.prc_reference_size is -1"):
-        rs.resolve_reference_stats(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=-1"), extractor)
+        _reference(_digits_cfg(tiny, tmp_path, "eval.prc_reference_size=-1"), extractor)
 
 
 def test_adm_reference_batch_with_inception(tiny, tmp_path, inception_weights):
@@ -242,20 +258,20 @@ def test_adm_reference_batch_with_inception(tiny, tmp_path, inception_weights):
     np.savez(adm, arr_0=images, mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
     cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",
                       f"eval.inception_weights={inception_weights}", "eval.prc_reference_size=4")
-    ref = rs.resolve_reference_stats(cfg, extractor, batch_size=4)
+    ref = _reference(cfg, extractor, batch_size=4)
     # FID and sFID statistics are ADM's, as given; precision/recall features come from its images.
     np.testing.assert_array_equal(ref.pool.mu, pool.mu)
     np.testing.assert_array_equal(ref.spatial.sigma, spatial.sigma)
     real = extractor(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0]
     torch.testing.assert_close(ref.features, real[rs.prc_subset(6, 4)], rtol=1e-5, atol=1e-5)
-    assert rs.load_reference(rs.cache_path(cfg))[1]["source"] == str(adm)
+    assert rs.load_reference(rs.cache_path(cfg.data))[1]["source"] == str(adm)
 
     # Images only (no statistics): everything from the images, spatial statistics included.
     only = tmp_path / "images.npz"
     np.savez(only, arr_0=images)
     cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={only}",
                       f"eval.inception_weights={inception_weights}")
-    ref = rs.resolve_reference_stats(cfg, extractor, batch_size=4)
+    ref = _reference(cfg, extractor, batch_size=4)
     batch = extractor.extract(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
     assert ref.features.shape == (6, 2048) and ref.spatial.dim == 2023
     np.testing.assert_allclose(ref.spatial.mu, feature_statistics(batch.spatial).mu, rtol=1e-5, atol=1e-6)
@@ -265,7 +281,7 @@ def test_adm_reference_batch_with_inception(tiny, tmp_path, inception_weights):
     cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",
                       f"eval.inception_weights={inception_weights}")
     with pytest.warns(UserWarning, match="neither 'prc_features' nor 'arr_0'.*left blank"):
-        ref = rs.resolve_reference_stats(cfg, extractor)
+        ref = _reference(cfg, extractor)
     assert ref.features is None and ref.spatial.dim == 2023
 
     # Spatial statistics of the wrong size do not pass silently.
@@ -273,4 +289,4 @@ def test_adm_reference_batch_with_inception(tiny, tmp_path, inception_weights):
     cfg = _digits_cfg(tiny, tmp_path, "eval.feature_extractor=inception", f"eval.reference_stats={adm}",
                       f"eval.inception_weights={inception_weights}", "eval.prc_reference_size=0")
     with pytest.raises(ValueError, match=r"spatial statistics \(mu_s, sigma_s\) have dimension 5.*2023"):
-        rs.resolve_reference_stats(cfg, extractor)
+        _reference(cfg, extractor)

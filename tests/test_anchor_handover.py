@@ -15,7 +15,8 @@ from bafm.models.anchor_features import BackboneFeatures, anchor_for
 from bafm.models.guidance import combine_guidance
 from bafm.models.sidenet import SideNet
 from bafm.models.sit import SiT
-from bafm.sampling import sampling_fns, solve, time_grid
+from bafm.sampling import sampling_fns, solve
+from bafm.solvers.grids import time_grid
 from bafm.solvers import SOLVERS
 from bafm.solvers.counting import select_rows
 

@@ -82,7 +82,7 @@ def test_shipped_classifier_is_accurate_and_small(repo_root):
     cfg = load_config(str(repo_root / "experiments/digits.yaml"))
     from bafm.data.digits import digits_options, load_digits_images
 
-    images, labels = load_digits_images("val", **digits_options(cfg))
+    images, labels = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     acc = accuracy(load_classifier(path), images, labels)
     assert acc > 0.97
     assert json.loads(sidecar_path(path).read_text())["val_accuracy"] == pytest.approx(acc, abs=1e-9)

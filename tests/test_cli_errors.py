@@ -17,16 +17,14 @@ from bafm.eval.features import build_feature_extractor
 from bafm.eval.reference_stats import cache_path, load_stats, resolve_reference_stats
 from bafm.models.checkpoint_io import CheckpointError
 from bafm.models.loading import load_backbone, load_sidenet
+from factories import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits.yaml")
 
 
 def _tiny_overrides(tiny, tmp_path):
-    return [f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-            "backbone.num_heads=2", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-            f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}",
-            f"checkpoints_dir={tmp_path / 'checkpoints'}"]
+    return tiny_model_overrides(tiny, tmp_path, with_sidenet=False)
 
 
 def _sweep(tiny, tmp_path, *extra):
@@ -103,11 +101,11 @@ def test_damaged_checkpoint_is_not_a_readable_checkpoint(tiny, tmp_path, capsys)
 def test_corrupt_reference_cache_is_recomputed_with_a_warning(tiny, tmp_path):
     cfg = load_config(DIGITS, [f"data.root={tmp_path / 'data'}"])
     extractor = build_feature_extractor("classifier", classifier_path=tiny / "classifier.safetensors")
-    fresh = resolve_reference_stats(cfg, extractor)
-    cached = cache_path(cfg)
+    fresh = resolve_reference_stats(cfg.eval, cfg.data, extractor, seed=cfg.seed)
+    cached = cache_path(cfg.data)
     cached.write_bytes(cached.read_bytes()[:100])  # truncated zip
     with pytest.warns(UserWarning, match=rf"{cached}: unreadable cached reference statistics"):
-        again = resolve_reference_stats(cfg, extractor)
+        again = resolve_reference_stats(cfg.eval, cfg.data, extractor, seed=cfg.seed)
     torch.testing.assert_close(torch.as_tensor(again.pool.mu), torch.as_tensor(fresh.pool.mu))
     torch.testing.assert_close(torch.as_tensor(load_stats(cached)[0].sigma), torch.as_tensor(fresh.pool.sigma))
 

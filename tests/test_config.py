@@ -47,9 +47,33 @@ def test_merge_order_defaults_yaml_overrides(tmp_path):
 
 def test_budgets_in_an_experiment_replace_the_defaults(tmp_path):
     exp = tmp_path / "e.yaml"
-    exp.write_text("eval:\n  budgets:\n    ba: [5]\n")
+    exp.write_text("eval:\n  solvers: [ba]\n  budgets:\n    ba: [5]\noptimize_grid:\n  solvers: [ba]\n")
     cfg = load_config(exp)
     assert dict(cfg.eval.budgets) == {"ba": [5]}
+
+
+def test_a_sweep_plan_without_budgets_for_a_listed_solver_fails_at_load(tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text("eval:\n  budgets:\n    ba: [5]\n")  # eval.solvers still lists euler, heun, ...
+    with pytest.raises(ConfigError, match=r"^no NFE budgets for solver 'euler': set eval.budgets.euler=\[...\]\.$"):
+        load_config(exp)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.callback_solvers=[ba,heun]", "eval.callback_budgets=[5,10]"],
+     r"^eval.callback_budgets: solver 'heun' cannot spend exactly 5 NFE \(2 per step\); nearest: 4 or 6\.$"),
+    (["eval.callback_solvers=[ba,eulr]"], r"^unknown solver 'eulr' in eval.callback_solvers; valid solvers: ab2, "),
+    (["eval.callback_budgets=[0]"], r"^eval.callback_budgets: budget 0 is not a positive integer\.$"),
+    (["eval.callback_solvers=[ba-adaptive]", "eval.tolerances={ba-adaptive: []}"],
+     r"^no tolerances for adaptive solver 'ba-adaptive': set eval.tolerances.ba-adaptive=\[...\]\.$"),
+    (["edit.solvers=[heun]", "edit.budgets={heun: [7]}"], r"^edit.budgets.heun: solver 'heun' cannot spend exactly 7"),
+    (["edit.solvers=[ba-adaptive]", "eval.tolerances={ba-adaptive: [-1.0]}"],
+     r"^eval.tolerances.ba-adaptive: tolerance -1.0 is not a positive number\.$"),
+    (["optimize_grid.solvers=[ba-adaptive]"], r"^optimize_grid.solvers: 'ba-adaptive' is not a fixed-grid solver; "),
+])
+def test_every_plan_is_checked_when_the_config_is_loaded(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
 
 
 def test_unknown_key_names_closest():

@@ -21,6 +21,10 @@ from bafm.data.shard_reader import iter_samples, open_shard
 from bafm.data.vae import build_decoder, decoder_options
 
 
+def _ensure(cfg):
+    return ensure_digits_shards(cfg.data, cfg.seed)
+
+
 def test_split_is_fixed_by_seed_disjoint_and_covering() -> None:
     a, b, c = digits_split_indices(0, 0.2), digits_split_indices(0, 0.2), digits_split_indices(1, 0.2)
     np.testing.assert_array_equal(a["train"], b["train"])
@@ -59,7 +63,7 @@ def test_bafm_data_writes_digits_shards(tmp_path: Path) -> None:
     assert counts == {"train": 1438, "val": 359} and sum(counts.values()) == 1797
     assert manifest["splits"]["train"]["num_shards"] == 3
     for split in ("train", "val"):
-        images, labels = load_digits_images(split, **digits_options(cfg))
+        images, labels = load_digits_images(split, **digits_options(cfg.data, cfg.seed))
         samples = [s for rec in manifest["splits"][split]["shards"]
                    for s in iter_samples(open_shard(str(folder / rec["name"])), rec["name"])]
         assert len(samples) == len(labels) and all("moments_flip.npy" not in s for s in samples)
@@ -75,24 +79,24 @@ def test_bafm_data_writes_digits_shards(tmp_path: Path) -> None:
 
 def test_ensure_digits_shards_writes_once_and_checks_settings(tmp_path: Path) -> None:
     cfg = load_config(None, [f"data.root={tmp_path}"])
-    folder = ensure_digits_shards(cfg)
+    folder = ensure_digits_shards(cfg.data, cfg.seed)
     assert folder == tmp_path / "digits"
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.tar")}
-    assert ensure_digits_shards(cfg) == folder
+    assert ensure_digits_shards(cfg.data, cfg.seed) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.tar")} == stamp  # nothing rewritten
     with pytest.raises(ValueError, match="other settings"):
-        ensure_digits_shards(load_config(None, [f"data.root={tmp_path}", "seed=3"]))
-    other = ensure_digits_shards(load_config(None, [f"data.root={tmp_path}", "seed=3", "data.dataset=digits_s3"]))
+        _ensure(load_config(None, [f"data.root={tmp_path}", "seed=3"]))
+    other = _ensure(load_config(None, [f"data.root={tmp_path}", "seed=3", "data.dataset=digits_s3"]))
     assert read_manifest(other)["preprocessing"]["seed"] == 3
 
     dm = LatentDataModule(cfg.data, seed=cfg.seed)
     dm.setup("fit")
     assert dm.latent_shape == (1, 16, 16) and dm.num_classes == 10 and dm.scaling_factor == 1.0
     batch = next(iter(dm.eval_dataloader("val", batch_size=359)))
-    images, labels = load_digits_images("val", **digits_options(cfg))
+    images, labels = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     torch.testing.assert_close(batch["latent"], images.half().float(), rtol=0, atol=0)
     torch.testing.assert_close(batch["cls"], labels, rtol=0, atol=0)
-    decoded = build_decoder(**decoder_options(cfg))(batch["latent"])
+    decoded = build_decoder(**decoder_options(cfg.data))(batch["latent"])
     torch.testing.assert_close(decoded, ((images.half().float() + 1) / 2).clamp(0, 1))
 
 

@@ -11,9 +11,10 @@ from bafm.eval.engine import COLUMNS, ReferenceCache, SweepInputError, evaluate_
 from bafm.eval.plan import SweepSettings
 from bafm.eval.features import FeatureBatch, FeatureExtractor
 from bafm.eval.metrics import ReferenceStats, feature_statistics, frechet_distance, precision_recall
-from bafm.eval.report import log_tensorboard, markdown_table, read_csv, rows_to_csv, write_reports
+from bafm.eval.report import log_tensorboard, read_csv, rows_to_csv, write_reports
 from bafm.models.analytic import GaussianMixtureFlow
 from bafm.sampling import SamplingSettings, generate, sample_labels, sample_noise
+from bafm.solvers.ground_truth import Reference
 
 SHAPE = (1, 4, 4)
 SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
@@ -86,7 +87,7 @@ def ref_stats(flow):
 
 def _sweep(backbone, sidenet, ref_stats, **kw):
     """``evaluate_sweep`` with test defaults; keyword arguments that name a ``SweepSettings`` field set it."""
-    settings = dict(seed=3, sampling=SAMPLING, batch_size=8, reference_rtol=1e-6, reference_atol=1e-6, grid_images=4)
+    settings = dict(seed=3, sampling=SAMPLING, batch_size=8, reference=Reference(rtol=1e-6, atol=1e-6), grid_images=4)
     args = dict(solvers=["euler"], budgets={"euler": [4]}, num_samples=8, decoder=decode,
                 feature_extractor=TinyFeatures(), reference_stats=ref_stats, device="cpu", progress=False)
     for key, value in kw.items():
@@ -104,8 +105,8 @@ def test_noise_and_labels_are_per_sample():
 
 
 def test_samples_independent_of_batch_size(flow):
-    whole = generate(flow, None, "heun", 3, torch.arange(8), seed=5, sampling=SAMPLING)
-    parts = [generate(flow, None, "heun", 3, idx, seed=5, sampling=SAMPLING).x for idx in torch.arange(8).split(3)]
+    whole = generate(flow, None, "heun", torch.arange(8), seed=5, sampling=SAMPLING, nfe=6)
+    parts = [generate(flow, None, "heun", idx, seed=5, sampling=SAMPLING, nfe=6).x for idx in torch.arange(8).split(3)]
     torch.testing.assert_close(torch.cat(parts), whole.x, rtol=0, atol=0)
     assert whole.nfe == 6
 
@@ -130,7 +131,7 @@ def test_rows_identical_across_batch_sizes(flow, ref_stats):
 def test_trajectory_error_falls_with_nfe_and_vanishes_for_the_reference(flow, ref_stats):
     rows, _ = _sweep(flow, None, ref_stats, solvers=["euler", "rk4"],
                      budgets={"euler": [2, 4, 8, 16, 32], "rk4": [64]},
-                     reference_rtol=1e-7, reference_atol=1e-7)
+                     reference=Reference(rtol=1e-7, atol=1e-7))
     ref, euler, rk4 = rows[0], rows[1:6], rows[6]
     assert ref["solver"] == "reference" and ref["traj_rmse"] == 0.0 and ref["nfe"] > 6
     errs = [r["traj_rmse"] for r in euler]
@@ -145,7 +146,8 @@ def test_reference_cache_is_reused(flow, ref_stats):
     cache = ReferenceCache()
     rows1, _ = _sweep(counting, None, ref_stats, reference_cache=cache)
     first = counting.calls
-    assert first == rows1[0]["nfe"] + 4 and len(cache.latents) == 8
+    # One more call than the NFE: the FLOP count's probe batch (measured once, kept in the cache).
+    assert first == rows1[0]["nfe"] + 4 + 1 and len(cache.latents) == 8
     rows2, _ = _sweep(counting, None, ref_stats, reference_cache=cache)
     assert counting.calls - first == 4  # only euler's 4 NFE: the reference came from the cache
     assert rows2 == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(rows1, rows2)]
@@ -173,21 +175,30 @@ def test_reports(flow, ref_stats, tmp_path):
                          budgets={"euler": [2, 4], "midpoint": [4]})
     paths = write_reports(rows, grids, tmp_path, title="test")
     text = paths["csv"].read_text().splitlines()
-    header = "solver,grid,tol,nfe,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
+    header = "solver,grid,tol,nfe,flops,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
     assert text[0] == header == ",".join(COLUMNS)
     # FID-only reference statistics and no spatial features: blank sfid, precision and recall.
-    assert text[1].split(",")[7] == text[1].split(",")[9] == text[1].split(",")[10] == ""
-    assert float(text[1].split(",")[6]) == 0.0 and float(text[2].split(",")[6]) > 0.0  # fd_ref
+    assert text[1].split(",")[8] == text[1].split(",")[10] == text[1].split(",")[11] == ""
+    assert float(text[1].split(",")[7]) == 0.0 and float(text[2].split(",")[7]) > 0.0  # fd_ref
+    # No SideNet: each backbone row is one unit, so flops equals the NFE.
+    assert [float(line.split(",")[4]) for line in text[1:]] == pytest.approx([float(r["nfe"]) for r in rows], rel=1e-12)
     assert len(text) == 1 + len(rows)
     back = read_csv(paths["csv"])
     assert [r["solver"] for r in back] == ["reference", "euler", "euler", "midpoint"]
     for r, b in zip(rows, back):
         assert b["nfe"] == r["nfe"] and b["fid"] == pytest.approx(r["fid"], rel=1e-7)
         assert b["sfid"] is b["precision"] is b["recall"] is None
-    md = paths["md"].read_text()
-    assert md == markdown_table(rows) and md.startswith("| solver | grid | tol | nfe | steps | fid | fd_ref | sfid | is | precision |")
+    lines = paths["md"].read_text().splitlines()
+    assert lines[0] == "| " + " | ".join(COLUMNS) + " |" and len(lines) == 2 + len(rows)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [c[:4] + [c[5]] for c in cells] == [["reference", "adaptive", "", str(rows[0]["nfe"]), "1"],
+                                      ["euler", "uniform", "", "2", "2"], ["euler", "uniform", "", "4", "4"],
+                                      ["midpoint", "uniform", "", "4", "2"]]
+    for c, r in zip(cells, rows):  # fid as printed, to its shown digits; blank sfid, precision and recall
+        assert float(c[6]) == pytest.approx(r["fid"], rel=1e-3) and c[8] == c[10] == c[11] == ""
     assert [r["grid"] for r in back] == ["adaptive", "uniform", "uniform", "uniform"]
-    for plot in ("plot", "plot_fd_ref", "plot_traj"):
+    assert paths["plot_traj_flops"] == tmp_path / "traj_rmse_vs_flops.png"
+    for plot in ("plot", "plot_fd_ref", "plot_traj", "plot_traj_flops"):
         assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
         "euler_nfe002.png", "euler_nfe004.png", "midpoint_nfe004.png", f"reference_nfe{rows[0]['nfe']:03d}.png"]
@@ -284,7 +295,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
               reference_cache=cache, batch_size=5)
     rows, _ = _sweep(flow, None, ref, **kw)
     for row in rows[1:]:  # the same samples, scored by the pure metric functions
-        x = generate(flow, None, "euler", row["steps"], torch.arange(12), seed=3, sampling=SAMPLING).x
+        x = generate(flow, None, "euler", torch.arange(12), seed=3, sampling=SAMPLING, nfe=row["nfe"]).x
         gen = TinySpatialFeatures().extract(decode(x))
         assert row["fid"] == pytest.approx(frechet_distance(feature_statistics(gen.features), ref.pool), rel=1e-6)
         assert row["sfid"] == pytest.approx(frechet_distance(feature_statistics(gen.spatial), ref.spatial), rel=1e-6)
@@ -299,7 +310,7 @@ def test_sfid_precision_recall_columns(flow, tmp_path):
     back = read_csv(paths["csv"])
     assert [b["recall"] for b in back] == [r["recall"] for r in rows]
     assert back[1]["sfid"] == pytest.approx(rows[1]["sfid"], rel=1e-7)
-    assert "| solver | grid | tol | nfe | steps | fid | fd_ref | sfid | is | precision | recall |" in paths["md"].read_text()
+    assert "| solver | grid | tol | nfe | flops | steps | fid | fd_ref | sfid | is | precision | recall |" in paths["md"].read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -342,7 +353,7 @@ def test_adaptive_rows_report_their_measured_mean_nfe(flow, ref_stats, tmp_path)
                          tolerances={"ba-adaptive": [1e-2, 1e-5]})
     ref, loose, tight = rows
     assert (loose["solver"], loose["grid"], loose["tol"], tight["tol"]) == ("ba-adaptive", "adaptive", 1e-2, 1e-5)
-    direct = generate(flow, side, "ba-adaptive", 1, torch.arange(8), seed=3, sampling=SAMPLING,
+    direct = generate(flow, side, "ba-adaptive", torch.arange(8), seed=3, sampling=SAMPLING,
                       rtol=1e-2, atol=1e-2)
     assert loose["nfe"] == round(direct.mean_nfe(), 2) and direct.nfe_per_sample is not None
     assert tight["nfe"] > loose["nfe"] and tight["traj_rmse"] < loose["traj_rmse"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -371,12 +372,8 @@ def test_sampling_bench_end_to_end_tiny(tmp_path):
         r = data["results"]["batch_2"][variant]
         comp, e2e = r["components"], r["end_to_end"]
         assert comp["rows"] == {"backbone": 4, "forward_probe": 12, "backward_probe": 4}
-        expected = (comp["forward_probe"]["median_ms"] + comp["backward_probe"]["median_ms"]) / comp["backbone"][
-            "median_ms"]  # fmt: skip
-        assert comp["overhead_ratio"] == pytest.approx(expected, rel=1e-3)
+        # Counted by the harness (independent of timing): 10 anchors, 10 forward + 9 backward probes.
         assert (e2e["ba-10"]["nfe"], e2e["ba-10"]["side_calls"], e2e["euler-100"]["nfe"]) == (10, 19, 100)
-        assert e2e["speedup_euler-100_over_ba-10"] == pytest.approx(
-            e2e["euler-100"]["median_s"] / e2e["ba-10"]["median_s"], rel=1e-2)
     compiled = data["results"]["batch_2"]["compiled"]
     assert compiled["paths"]["sidenet"]["path"].startswith("compiled[aot_eager")
     assert compiled["end_to_end"]["ba_sample_rel_l2_vs_first_variant"] < 1e-5
@@ -391,20 +388,52 @@ def test_training_bench_end_to_end_tiny(tmp_path):
     assert data["status"] == "complete" and data["errors"] == []
     for variant in ("eager", "compiled"):
         r = data["results"]["batch_2"][variant]
-        assert r["images_per_s"] > 0 and len(r["losses"]) == 1
+        assert len(r["losses"]) == 1 and math.isfinite(r["losses"][0])
     assert data["results"]["batch_2"]["compiled"]["paths"]["sidenet"].startswith("compiled[aot_eager")
+
+
+def test_sidenet_flops_bench(tmp_path):
+    """The committed models and a feature SideNet export; the JSON agrees with an independent count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bafm.models.loading import load_sidenet, save_sidenet
+    from bafm.models.sidenet import SideNet
+
+    feature_net = SideNet(in_channels=1, channels=8, emb_dim=16, depth=2, num_heads=1, num_classes=10,
+                          feature_dim=128)
+    save_sidenet(feature_net, tmp_path / "feat.safetensors")
+    bench = _load_bench("bench_sidenet_flops")
+    out = tmp_path / "flops.json"
+    assert bench.main(["--sidenet", str(tmp_path / "feat.safetensors"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["status"] == "complete" and data["errors"] == []
+    committed = data["results"]["checkpoints/digits/sidenet.safetensors"]
+    feature = data["results"][str((tmp_path / "feat.safetensors").resolve())]
+    assert (committed["feature_dim"], feature["feature_dim"]) == (0, 128)
+    # The committed SideNet's count without the attention (PyTorch's own table, no CPU kernel formula).
+    sidenet = load_sidenet(BENCH.parent / "checkpoints" / "digits" / "sidenet.safetensors")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as mode:
+        sidenet.velocity(x, x, torch.full((2,), 0.5), torch.full((2,), 0.1), torch.tensor([1, 2]))
+    attention = committed["sidenet_mflop_by_op"]["_scaled_dot_product_flash_attention_for_cpu"]
+    assert attention == pytest.approx(4 * 64 * 64 * 32 / 1e6)  # q k^T and p v over 8 x 8 positions, 32 channels
+    assert committed["sidenet_mflop_per_evaluation"] == pytest.approx(mode.get_total_flops() / 2 / 1e6 + attention)
+    assert committed["ba_step_sidenet_in_backbone_calls"] == pytest.approx(
+        4 * committed["sidenet_mflop_per_evaluation"] / committed["backbone_mflop_per_sample"], rel=1e-5)
+    assert committed["within_bound"] == (committed["ba_step_sidenet_in_backbone_calls"] <= 0.2)
+    assert feature["backbone_mflop_per_sample"] == committed["backbone_mflop_per_sample"]
 
 
 @pytest.mark.slow
 def test_run_all_quick(tmp_path):
-    """``make bench``'s script with --quick end to end (subprocesses: sampling, training, loader)."""
+    """``make bench``'s script with --quick end to end (subprocesses: sampling, training, loader, flops)."""
     done = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     names = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert names == ["loader_cpu.json", "sampling_cpu_tiny.json", "training_cpu_tiny.json"]
+    assert names == ["loader_cpu.json", "sampling_cpu_tiny.json", "sidenet_flops.json", "training_cpu_tiny.json"]
     loader = json.loads((tmp_path / "loader_cpu.json").read_text())
-    assert loader["device"] == "cpu" and loader["latents_per_s"] > 0
+    assert loader["device"] == "cpu"
     for name in ("sampling_cpu_tiny.json", "training_cpu_tiny.json"):
         data = json.loads((tmp_path / name).read_text())
         assert data["status"] == "complete" and data["errors"] == [] and data["meta"]["device"] == "cpu"

@@ -10,6 +10,7 @@ import torch
 
 from bafm.eval.metrics import fd_to_reference, feature_statistics, frechet_distance
 from bafm.eval.report import sweep_layout
+from bafm.solvers.ground_truth import Reference
 from test_eval_engine import _sweep, decode, TinyFeatures, flow, ref_stats  # noqa: F401  (fixtures)
 
 
@@ -43,7 +44,7 @@ def test_fd_ref_grows_with_a_known_perturbation():
 
 def test_sweep_rows_carry_fd_ref_ordered_by_accuracy(flow, ref_stats):  # noqa: F811
     rows, _ = _sweep(flow, None, ref_stats, solvers=["euler"], budgets={"euler": [2, 4, 16]}, num_samples=64,
-                     reference_rtol=1e-7, reference_atol=1e-7)
+                     reference=Reference(rtol=1e-7, atol=1e-7))
     ref, euler = rows[0], rows[1:]
     assert ref["solver"] == "reference" and ref["fd_ref"] == 0.0
     values = [r["fd_ref"] for r in euler]

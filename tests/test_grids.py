@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from bafm.solvers import SOLVERS, get_solver
+from bafm.solvers import SOLVERS, get_solver, uses_side_fn
 from bafm.solvers.grids import make_grid, nfe_for_steps, shifted_grid, steps_for_nfe, uniform_grid
 
 
@@ -61,6 +61,11 @@ def test_shifted_grid_rejects_bad_shift():
 def test_steps_and_nfe_round_trip(solver, steps, nfe):
     assert nfe_for_steps(solver, steps) == nfe
     assert steps_for_nfe(solver, nfe) == steps
+    # The arithmetic agrees with the calls the solver really makes on that many steps.
+    calls = []
+    side = {"side_fn": lambda x, v, t, h: v} if uses_side_fn(solver) else {}
+    get_solver(solver)(lambda x, t: calls.append(t) or -x, torch.ones(2, 3), uniform_grid(steps), **side)
+    assert len(calls) == nfe
 
 
 def test_ab2_heun_start_budget():

@@ -17,17 +17,14 @@ from bafm.eval.engine import SweepEngine
 from bafm.eval.grid_search import GridSearchError
 from bafm.models.checkpoint_io import CheckpointError
 from bafm.models.loading import load_sidenet
-from factories import synthetic_shards, tiny_digits_overrides
+from factories import synthetic_shards, tiny_digits_overrides, tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits.yaml")
 
 
 def _tiny(tiny, tmp_path):
-    return [f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-            "backbone.num_heads=2", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-            f"sidenet.path={tiny / 'sidenet.safetensors'}", f"data.root={tmp_path / 'data'}",
-            f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={tmp_path / 'checkpoints'}"]
+    return tiny_model_overrides(tiny, tmp_path)
 
 
 def _sweep(tiny, tmp_path, out, *extra):
@@ -120,10 +117,10 @@ def test_every_command_reports_through_one_mapping(monkeypatch, capsys):
     assert exit_code(GridSearchError("x")) == 2 and exit_code(ConfigError("x")) == 2
     assert exit_code(KeyboardInterrupt()) == 130 and exit_code(KeyError("a bug")) is None
     # A command raises; it does not print and return 2 itself.
-    cfg = load_config(DIGITS, ["optimize_grid.solvers=[ba-adaptive]"])
+    cfg = load_config(DIGITS, ["backbone.path=/nonexistent/backbone.safetensors"])  # a plan error stops at load
     from bafm.eval.grid_search import run as optimize_grid
 
-    with pytest.raises(GridSearchError, match="'ba-adaptive' is not a fixed-grid solver"):
+    with pytest.raises(GridSearchError, match="backbone checkpoint '/nonexistent/backbone.safetensors' not found"):
         optimize_grid(cfg)
     for command, (module, function, _, kept) in COMMANDS.items():
         def interrupted(cfg, out):

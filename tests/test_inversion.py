@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,9 +11,12 @@ import torch
 from bafm.editing.inversion import edit_latents
 from bafm.models.analytic import GaussianMixtureFlow
 from bafm.models.guidance import build_sampling_fns
-from bafm.sampling import integrate, invert, solve_grid, steps_for_budget
+from bafm.sampling import SamplingSettings, integrate, invert
+from bafm.solvers.grids import solve_grid, steps_for_budget
 from bafm.solvers import SOLVERS, get_solver
 from bafm.solvers.grids import nfe_for_steps, uniform_grid
+
+NO_GUIDANCE = SamplingSettings(grid="uniform", cfg_scale=1.0)
 
 F64 = torch.float64
 FIXED_STEP = [name for name in SOLVERS if SOLVERS[name].nfe_per_step is not None]
@@ -156,8 +160,8 @@ def test_edit_latents_follow_the_exact_flows(problem):
     """Invert under the source class, regenerate under source (identity) and target (exact transport)."""
     mix, y, x0, noise = problem
     target = (y + 1) % 3
-    res = edit_latents(mix.velocity, x0, y, target, "ba", 8, null_class=mix.null_class,
-                       side_velocity=mix.side_velocity)
+    side = SimpleNamespace(velocity=mix.side_velocity)
+    res = edit_latents(mix, side, x0, y, target, "ba", NO_GUIDANCE, nfe=8)
     torch.testing.assert_close(res.noise, noise, rtol=0, atol=1e-7)
     torch.testing.assert_close(res.reconstruction, x0, rtol=0, atol=1e-8)
     ones, zeros = torch.ones(6, dtype=F64), torch.zeros(6, dtype=F64)
@@ -167,7 +171,7 @@ def test_edit_latents_follow_the_exact_flows(problem):
     means = mix.means.reshape(3, *x0.shape[1:])
     assert _err(res.edit, means[target]) < _err(res.edit, means[y])
     with pytest.raises(ValueError, match="needs a SideNet"):
-        edit_latents(mix.velocity, x0, y, target, "ba", 8, null_class=mix.null_class)
+        edit_latents(mix, None, x0, y, target, "ba", NO_GUIDANCE, nfe=8)
 
 
 def test_grids_and_budgets():

@@ -26,11 +26,11 @@ def _vae_folder(tmp_path: Path) -> Path:
 def test_imagenet_experiments_expect_their_latents(tmp_path, experiment, shape):
     vae = _vae_folder(tmp_path)
     cfg = load_config(ROOT / "experiments" / f"{experiment}.yaml", [f"data.vae_path={vae}", f"data.root={tmp_path}"])
-    assert expected_latent_shape(cfg)[0] == shape
-    check_latent_shape(cfg, shape)
+    assert expected_latent_shape(cfg.data)[0] == shape
+    check_latent_shape(cfg.data, shape)
     other = (4, 96 - shape[1], 96 - shape[1])  # the other resolution's latents
     with pytest.raises(LatentShapeError) as err:
-        check_latent_shape(cfg, other)
+        check_latent_shape(cfg.data, other, cfg.backbone.path)
     message = str(err.value)
     assert "\n" not in message
     assert (f"data.resolution={cfg.data.resolution} with the VAE at '{vae}' gives latents of shape {shape} (C, H, W), "
@@ -43,15 +43,15 @@ def test_sources_of_the_expected_shape(tmp_path):
     (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     single = load_config(None, ["data.source=folder", f"data.vae_path={vae / 'diffusion_pytorch_model.safetensors'}",
                                 "data.resolution=128", f"data.root={tmp_path}"])
-    assert expected_latent_shape(single)[0] == (4, 16, 16)  # config.json beside a single weights file
+    assert expected_latent_shape(single.data)[0] == (4, 16, 16)  # config.json beside a single weights file
     unknown = load_config(None, ["data.source=folder", f"data.vae_path={tmp_path / 'none'}", f"data.root={tmp_path}"])
-    assert expected_latent_shape(unknown) is None  # reported where the VAE is loaded, not here
-    check_latent_shape(unknown, (4, 32, 32))
+    assert expected_latent_shape(unknown.data) is None  # reported where the VAE is loaded, not here
+    check_latent_shape(unknown.data, (4, 32, 32))
     digits = load_config(None, [f"data.root={tmp_path}", "data.digits_size=12"])
-    assert expected_latent_shape(digits) == ((1, 12, 12), "data.digits_size=12", "data.digits_size")
+    assert expected_latent_shape(digits.data) == ((1, 12, 12), "data.digits_size=12", "data.digits_size")
     # Shards win over the settings: they are what training reads.
     synthetic_shards(tmp_path / "digits", shape=(4, 8, 8))
-    shape, where, key = expected_latent_shape(digits)
+    shape, where, key = expected_latent_shape(digits.data)
     assert (shape, where, key) == ((4, 8, 8), f"the shards in {tmp_path / 'digits'}", "data.dataset")
 
 

@@ -14,6 +14,8 @@ from bafm.models.analytic import GaussianMixtureFlow
 from bafm.sampling import SamplingSettings
 from bafm.io import sha256_file
 from bafm.solvers.grid_store import load_grid_table, save_grid_table
+from bafm.solvers.ground_truth import Reference
+from factories import tiny_model_overrides
 
 SAMPLING = SamplingSettings(grid="uniform", shift=1.0, cfg_scale=1.0, guidance_interval=(0.0, 0.7))
 
@@ -35,7 +37,17 @@ def calibration():
     flow = GaussianMixtureFlow.random((1, 2, 2), num_classes=2, components_per_class=1, std=0.3,
                                       generator=torch.Generator().manual_seed(0))
     return Calibration(flow, None, SAMPLING, torch.arange(16), seed=7, device=torch.device("cpu"), batch_size=8,
-                       reference_options={"rtol": 1e-8, "atol": 1e-8}, reference_group=8)
+                       reference=Reference("dopri5", rtol=1e-8, atol=1e-8), reference_group=8)
+
+
+def test_calibration_solves_the_configured_reference(calibration):
+    flow = calibration.backbone
+    rk4 = Calibration(flow, None, SAMPLING, torch.arange(16), seed=7, device=torch.device("cpu"), batch_size=8,
+                      reference=Reference("rk4", steps=3), reference_group=8)
+    # Against an RK4 reference at 3 steps, RK4 on the same uniform 3-step grid has no error at all;
+    # against the tight dopri5 reference it has its truncation error.
+    assert rk4.error("rk4", [1.0, 2 / 3, 1 / 3, 0.0]) == 0.0
+    assert calibration.error("rk4", [1.0, 2 / 3, 1 / 3, 0.0]) > 1e-6
 
 
 def test_search_lowers_the_calibration_error_and_reports_it_exactly(calibration):
@@ -54,9 +66,7 @@ def test_search_lowers_the_calibration_error_and_reports_it_exactly(calibration)
 def _args(repo_root, tiny, side, tmp_path, command="optimize-grid", *extra, out=None):
     return [
         command, *(["--out", str(out)] if out else []), "--config", str(repo_root / "experiments/digits.yaml"),
-        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-        "backbone.num_heads=2", f"sidenet.path={side}", f"eval.classifier_path={tiny / 'classifier.safetensors'}",
-        f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "eval.device=cpu",
+        *tiny_model_overrides(tiny, tmp_path, sidenet=side), "eval.device=cpu",
         "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.reference_batch_size=6",
         "optimize_grid.solvers=[euler,ba]", "optimize_grid.budgets={euler: [3], ba: [2]}",
         "optimize_grid.num_samples=6", "optimize_grid.batch_size=6", "optimize_grid.max_evals=8", *extra,
@@ -80,6 +90,7 @@ def test_cli_writes_grids_to_the_run_folder_and_the_sweep_uses_them(repo_root, t
     assert meta["calibration"]["seeds"] == [1_000_000, 1_000_005] and meta["search"]["method"] == "nelder-mead"
     assert meta["models"]["sidenet"] == str(side) and "traj_rmse" in meta["objective"]["metric"]
     assert meta["models"]["sidenet_sha256"] == sha256_file(side)
+    assert meta["objective"]["reference"] == {"kind": "dopri5", "solver": "reference", "rtol": 1e-3, "atol": 1e-3}
     for solver, nfe in table.grids:
         result = meta["results"][solver][str(nfe)]
         assert result["optimized"] <= result["uniform"] and 1 <= result["evals"] <= 8
@@ -102,6 +113,21 @@ def test_cli_writes_grids_to_the_run_folder_and_the_sweep_uses_them(repo_root, t
     assert main(_args(repo_root, tiny, side, tmp_path, "optimize-grid", "optimize_grid.solvers=[euler]",
                       "optimize_grid.budgets={euler: [2]}", out=other)) == 0
     assert sorted(load_grid_table(other).grids) == [("euler", 2)]
+
+
+def test_cli_searches_against_eval_reference_solver(repo_root, tiny, tmp_path, monkeypatch):
+    import bafm.eval.grid_search as grid_search
+
+    used = []
+    real = grid_search.reference_solve
+    monkeypatch.setattr(grid_search, "reference_solve", lambda *a, **k: used.append(a[-1]) or real(*a, **k))
+    out = tmp_path / "grids.json"
+    assert main(_args(repo_root, tiny, tmp_path / "none.safetensors", tmp_path, "optimize-grid",
+                      "optimize_grid.solvers=[euler]", "optimize_grid.budgets={euler: [2]}",
+                      "eval.reference_solver=rk4", "eval.reference_steps=3", out=out)) == 0
+    assert used == [Reference("rk4", steps=3, rtol=1e-3, atol=1e-3)]  # one reference group of 6 samples
+    recorded = load_grid_table(out).meta["objective"]["reference"]
+    assert recorded == {"kind": "rk4", "solver": "rk4", "steps": 3}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bafm.cli import main
 from bafm.eval.report import read_csv
+from factories import tiny_model_overrides
 
 
 
@@ -20,10 +21,8 @@ def _is_fraction(value: float, n: int) -> bool:
 def _args(repo_root, tiny, tmp_path, *extra):
     return [
         "eval-nfe-sweep", "--config", str(repo_root / "experiments/digits.yaml"), "--out", str(tmp_path / "out"),
-        f"backbone.path={tiny / 'backbone.safetensors'}", "backbone.depth=1", "backbone.hidden_size=32",
-        "backbone.num_heads=2", f"sidenet.path={tiny / 'sidenet.safetensors'}",
-        f"eval.classifier_path={tiny / 'classifier.safetensors'}", f"data.root={tmp_path / 'data'}",
-        f"runs_dir={tmp_path / 'runs'}", "eval.num_samples=20", "eval.batch_size=8", "eval.reference_batch_size=10",
+        *tiny_model_overrides(tiny, tmp_path), "eval.num_samples=20", "eval.batch_size=8",
+        "eval.reference_batch_size=10",
         "eval.reference_rtol=1e-3", "eval.reference_atol=1e-3", "eval.grid_images=9", "eval.device=cpu",
         "eval.solvers=[ba,euler]", "eval.budgets={ba: [3], euler: [2, 4]}", *extra,
     ]
@@ -33,19 +32,19 @@ def test_cli_writes_every_output(repo_root, tiny, tmp_path, capsys):
     assert main(_args(repo_root, tiny, tmp_path, "eval.save_npz=true")) == 0
     out = tmp_path / "out"
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert header == "solver,grid,tol,nfe,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
+    assert header == "solver,grid,tol,nfe,flops,steps,fid,fd_ref,sfid,is,precision,recall,traj_rmse,seconds,n_samples"
     rows = read_csv(out / "results.csv")
     assert [(r["solver"], r["nfe"], r["steps"]) for r in rows[1:]] == [("ba", 3, 3), ("euler", 2, 2), ("euler", 4, 4)]
     assert rows[0]["solver"] == "reference" and rows[0]["traj_rmse"] == 0.0
     for r in rows:
-        assert r["n_samples"] == 20 and r["fid"] >= 0.0 and r["is"] >= 1.0 and r["seconds"] > 0.0
+        assert r["n_samples"] == 20 and r["fid"] >= 0.0 and r["is"] >= 1.0
         # Precision/recall against all real digits, as fractions of 20 samples and 1797 digits; no sFID.
         assert r["sfid"] is None and 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         assert _is_fraction(r["precision"], 20) and _is_fraction(r["recall"], 1797)
     assert all(r["traj_rmse"] > 0.0 for r in rows[1:])
     printed = capsys.readouterr().out
     assert (out / "results.md").read_text() in printed
-    for plot in ("fid_vs_nfe.png", "fd_ref_vs_nfe.png", "traj_rmse_vs_nfe.png"):
+    for plot in ("fid_vs_nfe.png", "fd_ref_vs_nfe.png", "traj_rmse_vs_nfe.png", "traj_rmse_vs_flops.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert rows[0]["fd_ref"] == 0.0 and all(r["fd_ref"] > 0.0 for r in rows[1:])
     assert len(list((out / "grids").glob("*.png"))) == 4
@@ -98,3 +97,13 @@ def test_cli_inception_sweep_reports_sfid(repo_root, tiny, tmp_path):
     assert [r["solver"] for r in rows] == ["reference", "euler"]
     for r in rows:
         assert r["sfid"] > 0.0 and r["fid"] > 0.0 and _is_fraction(r["precision"], 6) and _is_fraction(r["recall"], 8)
+
+
+def test_every_sidenet_solver_sweeps_with_guidance(repo_root, tiny, tmp_path):
+    side = ["ba", "ba-single", "ba-adaptive"]
+    args = [a for a in _args(repo_root, tiny, tmp_path) if not a.startswith(("eval.solvers", "eval.budgets"))]
+    assert main([*args, "sampling.cfg_scale=1.5", f"eval.solvers=[{','.join(side)}]",
+                 "eval.budgets={ba: [3], ba-single: [3]}", "eval.tolerances={ba-adaptive: [0.05]}"]) == 0
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert [r["solver"] for r in rows] == ["reference", *side]
+    assert all(r["traj_rmse"] > 0 and r["fd_ref"] > 0 for r in rows[1:])

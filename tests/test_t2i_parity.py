@@ -167,8 +167,8 @@ def test_loader_names_what_is_missing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind,options", [("sd3", {"shift": 3.0}), ("flux", {"mu": 1.15})])
 def test_every_fixed_step_solver_converges_on_the_pipeline_grids(kind, options):
-    from bafm.sampling import is_adaptive
-    from bafm.solvers import SOLVERS
+    from bafm.solvers import SOLVERS, is_adaptive
+    from bafm.solvers.grids import nfe_for_steps
 
     # dx/dt = x: from x(1) = x1 the exact x(0) is x1 / e; the exact SideNet is v(t - h) = v e^{-h}.
     x1 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
@@ -177,7 +177,7 @@ def test_every_fixed_step_solver_converges_on_the_pipeline_grids(kind, options):
     for name in sorted(n for n in SOLVERS if not is_adaptive(n)):
         errors = []
         for steps in (8, 32):
-            nfe = SOLVERS[name].nfe_per_step * steps + SOLVERS[name].extra_nfe({})
+            nfe = nfe_for_steps(name, steps)
             result = integrate(velocity_fn, x1.clone(), name, nfe, side_fn, kind, **options)
             assert result.nfe == nfe, name
             errors.append(float((result.x - x1 / torch.e).abs().max()))

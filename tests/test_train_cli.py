@@ -74,21 +74,27 @@ def test_short_run_sweeps_at_end_only_when_asked(tmp_path):
     assert sorted(p.name for p in (asked / "digits" / "train_sweeps").iterdir()) == ["step0000002.csv"]
 
 
-def test_end_sweep_schedule():
+def test_end_sweep_schedule(tmp_path):
     from bafm.config import load_config
     from bafm.training.callbacks import NFESweepCallback
 
     def cfg(*overrides):
         return load_config(DIGITS, list(overrides))
 
-    assert not NFESweepCallback.wanted(cfg("trainer.max_steps=2", "eval.every_n_steps=5"))
-    assert not NFESweepCallback.wanted(cfg("trainer.max_steps=10", "eval.every_n_steps=0"))
-    assert NFESweepCallback.wanted(cfg("trainer.max_steps=5", "eval.every_n_steps=5"))
-    assert NFESweepCallback.wanted(cfg("trainer.max_steps=-1", "eval.every_n_steps=5"))
-    assert NFESweepCallback.wanted(cfg("trainer.max_steps=2", "eval.every_n_steps=5", "eval.sweep_at_end=true"))
-    callback = NFESweepCallback(cfg("eval.every_n_steps=5"))
-    assert [callback.sweeps_at_end(s) for s in (2, 5, 7)] == [False, True, True]
-    assert NFESweepCallback(cfg("eval.every_n_steps=5", "eval.sweep_at_end=true")).sweeps_at_end(2)
+    def wanted(*overrides):
+        c = cfg(*overrides)
+        return NFESweepCallback.wanted(c.eval, c.trainer.max_steps)
+
+    def callback(*overrides):
+        return NFESweepCallback(cfg(*overrides).eval, lambda device: None, tmp_path)
+
+    assert not wanted("trainer.max_steps=2", "eval.every_n_steps=5")
+    assert not wanted("trainer.max_steps=10", "eval.every_n_steps=0")
+    assert wanted("trainer.max_steps=5", "eval.every_n_steps=5")
+    assert wanted("trainer.max_steps=-1", "eval.every_n_steps=5")
+    assert wanted("trainer.max_steps=2", "eval.every_n_steps=5", "eval.sweep_at_end=true")
+    assert [callback("eval.every_n_steps=5").sweeps_at_end(s) for s in (2, 5, 7)] == [False, True, True]
+    assert callback("eval.every_n_steps=5", "eval.sweep_at_end=true").sweeps_at_end(2)
 
 
 def test_shape_mismatch_fails_before_training(tmp_path, capsys):
@@ -164,3 +170,47 @@ def test_feature_sidenet_trains_validates_and_lays_out_its_dashboard(tmp_path):
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["FD to the reference samples at 4 NFE"] == [r"^sweep/fd_ref/.*_nfe4$"]
     assert "FID at 4 NFE" in charts
+
+
+def test_grid_aware_fine_tuning_from_an_export(tmp_path):
+    first = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=2", "name=base"]
+    assert main(first) == 0
+    export = tmp_path / "runs" / "base" / "sidenet.safetensors"
+    # A feature SideNet fine-tuned from the feature-free export, the grid-aware loss for both steps.
+    second = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=2", "name=tuned",
+              f"sidenet.init_from={export}", "sidenet.backbone_features=true", "loss.grid_steps=2",
+              "loss.grid_budgets=[2,3]"]
+    assert main(second) == 0
+    acc = _events(tmp_path / "runs" / "tuned")
+    assert [e.step for e in acc.Scalars("train/loss")][-1] >= 0
+    # Its first-step loss is the grid loss of the exported SideNet, not of an identity one.
+    assert acc.Scalars("train/loss")[0].value < acc.Scalars("train/mse_identity")[0].value
+
+
+def test_init_from_copies_weights_and_refuses_other_sizes(tmp_path):
+    import torch
+
+    from bafm.models.loading import save_sidenet
+    from bafm.models.sidenet import SideNet
+    from bafm.training.train import init_sidenet_from
+
+    source = SideNet(in_channels=1, channels=8, emb_dim=16, depth=2, num_heads=1, num_classes=10)
+    torch.nn.init.normal_(source.output_conv.weight)
+    save_sidenet(source, tmp_path / "s.safetensors")
+    target = SideNet(in_channels=1, channels=8, emb_dim=16, depth=2, num_heads=1, num_classes=10, feature_dim=32)
+    init_sidenet_from(target, tmp_path / "s.safetensors")
+    torch.testing.assert_close(target.output_conv.weight, source.output_conv.weight)
+    assert float(target.feature_map.weight.abs().sum()) == 0.0  # kept zero: starts as the source network
+    wider = SideNet(in_channels=1, channels=16, emb_dim=16, depth=2, num_heads=1, num_classes=10)
+    with pytest.raises(ValueError, match="do not fit sidenet"):
+        init_sidenet_from(wider, tmp_path / "s.safetensors")
+
+
+def test_a_bad_callback_plan_stops_before_the_first_training_step(tmp_path, capsys):
+    args = ["train", "--config", DIGITS, *tiny_digits_overrides(tmp_path), "trainer.max_steps=4",
+            "eval.every_n_steps=2", "eval.callback_solvers=[ba,heun]", "eval.callback_budgets=[5]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bafm train: config error: eval.callback_budgets: solver 'heun' cannot spend exactly 5 NFE "
+                   "(2 per step); nearest: 4 or 6.")
+    assert not (tmp_path / "runs").exists()  # no run folder, checkpoint or training step

@@ -159,7 +159,7 @@ def test_bafm_data_folder_end_to_end(vae_dir: Path, image_dir: Path, tmp_path: P
     assert dm.latent_shape == (4, RES // 2, RES // 2) and dm.has_flip
     batch = next(iter(dm.eval_dataloader("train", batch_size=4)))
     assert batch["latent"].shape == (4, 4, RES // 2, RES // 2)
-    decode = build_decoder(**decoder_options(cfg))
+    decode = build_decoder(**decoder_options(cfg.data))
     images_out = decode(batch["latent"])
     assert images_out.shape == (4, 3, RES, RES) and float(images_out.min()) >= 0 and float(images_out.max()) <= 1
     expected = ((codec.decode(batch["latent"] / 0.18215) + 1) / 2).clamp(0, 1)

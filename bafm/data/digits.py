@@ -80,39 +80,45 @@ def load_digits_images(split: str, *, size: int, seed: int, val_fraction: float)
     return images[idx], labels[idx]
 
 
-def digits_options(cfg: Any) -> Dict[str, Any]:
-    """``load_digits_images``'s keyword arguments from an experiment config."""
-    return dict(size=int(cfg.data.digits_size), seed=int(cfg.seed), val_fraction=float(cfg.data.val_fraction))
+def digits_options(data: Any, seed: int) -> Dict[str, Any]:
+    """``load_digits_images``'s keyword arguments from a ``data`` config section and the experiment's seed."""
+    return dict(size=int(data.digits_size), seed=int(seed), val_fraction=float(data.val_fraction))
 
 
-def digits_settings(cfg: Any) -> Dict[str, Any]:
+def digits_settings(data: Any, seed: int) -> Dict[str, Any]:
     """Everything that determines the digits shards' content (recorded in the manifest)."""
     return {
-        "source": "digits", "size": int(cfg.data.digits_size), "resize": "bilinear, antialias off, align_corners=False",
-        "range": [-1.0, 1.0], "seed": int(cfg.seed), "val_fraction": float(cfg.data.val_fraction),
+        "source": "digits", "size": int(data.digits_size), "resize": "bilinear, antialias off, align_corners=False",
+        "range": [-1.0, 1.0], "seed": int(seed), "val_fraction": float(data.val_fraction),
     }
 
 
-def prepare_digits(cfg: Any, folder: Path, rank: int = 0, world_size: int = 1,
+def prepare_digits(data: Any, seed: int, folder: Path, rank: int = 0, world_size: int = 1,
                    barrier: bool = False, progress: bool = True) -> Optional[Dict[str, Any]]:
     """Write the embedded default's ``train`` and ``val`` shards (identity codec, no flips).
+
+    Args:
+        data: the ``data`` config section (``digits_size``, ``val_fraction``, ``dataset``,
+            ``samples_per_shard``).
+        seed: the experiment's seed (it fixes the train/val split).
+        folder: where the shards go.
 
     Returns:
         The manifest if this process wrote it last, else None.
     """
-    images, labels = digits_pixels(int(cfg.data.digits_size))
+    images, labels = digits_pixels(int(data.digits_size))
     moments = torch.cat([images, torch.zeros_like(images)], dim=1).numpy().astype(np.float16)  # (N, 2, S, S)
     common = {
-        "dataset": str(cfg.data.dataset), "source": "digits", "encoder": {"kind": "identity"},
+        "dataset": str(data.dataset), "source": "digits", "encoder": {"kind": "identity"},
         "scaling_factor": 1.0, "dtype": "float16", "moments_shape": list(moments.shape[1:]),
         "latent_shape": [moments.shape[1] // 2, *moments.shape[2:]], "has_flip": False,
         "num_classes": NUM_CLASSES, "class_names": [str(c) for c in range(NUM_CLASSES)],
-        "preprocessing": digits_settings(cfg),
+        "preprocessing": digits_settings(data, seed),
     }
     manifest = None
-    for split, idx in digits_split_indices(int(cfg.seed), float(cfg.data.val_fraction)).items():
+    for split, idx in digits_split_indices(int(seed), float(data.val_fraction)).items():
         job = SplitJob(Path(folder), split, [f"{i:04d}" for i in idx], labels[idx].tolist(),
-                       int(cfg.data.samples_per_shard), common)
+                       int(data.samples_per_shard), common)
 
         def encode(indices: Sequence[int], idx: np.ndarray = idx) -> Iterator[MomentBatch]:
             for start in range(0, len(indices), 256):
@@ -127,8 +133,8 @@ def prepare_digits(cfg: Any, folder: Path, rank: int = 0, world_size: int = 1,
 _SETTING_KEYS = {"seed": "seed", "val_fraction": "data.val_fraction", "size": "data.digits_size"}
 
 
-def check_digits_settings(folder: Path, manifest: Dict[str, Any], cfg: Any) -> None:
-    """Raise unless the digits shards in ``folder`` (if any) were written with ``cfg``'s settings.
+def check_digits_settings(folder: Path, manifest: Dict[str, Any], data: Any, seed: int) -> None:
+    """Raise unless the digits shards in ``folder`` (if any) were written with these settings (``data`` section, seed).
 
     Raises:
         DataSettingsError: one line naming each differing key, its value in the shards and now.
@@ -136,7 +142,7 @@ def check_digits_settings(folder: Path, manifest: Dict[str, Any], cfg: Any) -> N
     written = manifest.get("preprocessing")
     if not manifest.get("splits") or not isinstance(written, dict):
         return
-    wanted = digits_settings(cfg)
+    wanted = digits_settings(data, seed)
     differ = [k for k in wanted if written.get(k) != wanted[k]]
     if not differ:
         return
@@ -147,7 +153,7 @@ def check_digits_settings(folder: Path, manifest: Dict[str, Any], cfg: Any) -> N
         f"or go back to the settings of the shards.")
 
 
-def ensure_digits_shards(cfg: Any) -> Path:
+def ensure_digits_shards(data: Any, seed: int) -> Path:
     """Write the digits shards to ``<data.root>/<data.dataset>`` unless they are already there.
 
     For ``data.source=digits`` this is what lets ``make train`` run on a fresh clone; it
@@ -155,7 +161,8 @@ def ensure_digits_shards(cfg: Any) -> Path:
     nothing (``LatentDataModule.setup`` reports missing shards).
 
     Args:
-        cfg: the experiment config.
+        data: the ``data`` config section.
+        seed: the experiment's seed (it fixes the train/val split).
 
     Returns:
         The dataset folder.
@@ -164,21 +171,21 @@ def ensure_digits_shards(cfg: Any) -> Path:
         DataSettingsError: shards already in the folder were written with other settings (seed,
             ``data.val_fraction``, ``data.digits_size``), naming each and what to do.
     """
-    folder = Path(cfg.data.root) / cfg.data.dataset
-    if cfg.data.source != "digits":
+    folder = Path(data.root) / data.dataset
+    if data.source != "digits":
         return folder
     try:
         manifest = read_manifest(folder)
     except (FileNotFoundError, ValueError):
         manifest = {}
-    check_digits_settings(folder, manifest, cfg)
+    check_digits_settings(folder, manifest, data, seed)
     splits = manifest.get("splits", {})
     complete = (
-        manifest.get("preprocessing") == digits_settings(cfg)
+        manifest.get("preprocessing") == digits_settings(data, seed)
         and all(s in splits for s in SPLITS)
         and all((folder / rec["name"]).is_file() for s in SPLITS for rec in splits[s].get("shards", []))
     )
     if complete:
         return folder
-    prepare_digits(cfg, folder, rank=0, world_size=1, progress=False)
+    prepare_digits(data, seed, folder, rank=0, world_size=1, progress=False)
     return folder

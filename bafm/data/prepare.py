@@ -92,7 +92,7 @@ def run(cfg: Any, out: Optional[str] = None) -> int:
     rank, world_size, initialised = dist_info()
     try:
         if cfg.data.source == "digits":
-            manifest = prepare_digits(cfg, folder, rank, world_size, initialised)
+            manifest = prepare_digits(cfg.data, cfg.seed, folder, rank, world_size, initialised)
         elif cfg.data.source == "captions":
             from bafm.data.text_prepare import prepare_captions
 

@@ -192,11 +192,10 @@ def build_decoder(vae_path: Optional[str], scaling_factor: float = 1.0) -> Calla
     return decode
 
 
-def decoder_options(cfg: Any) -> Dict[str, Any]:
-    """``build_decoder``'s arguments from an experiment config: no VAE for the digits, else
+def decoder_options(data: Any) -> Dict[str, Any]:
+    """``build_decoder``'s arguments from a ``data`` config section: no VAE for the digits, else
     ``data.vae_path`` and the scaling factor from the manifest when present, else
     ``data.vae_scaling_factor``."""
-    data = cfg.data
     if data.source == "digits":
         return dict(vae_path=None)
     return dict(vae_path=str(data.vae_path),
@@ -220,8 +219,8 @@ def _vae_config(vae_path: str | Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def expected_latent_shape(cfg: Any) -> Optional[Tuple[Tuple[int, int, int], str, str]]:
-    """The latent shape ``(C, H, W)`` the experiment's data has, and where it comes from.
+def expected_latent_shape(data: Any) -> Optional[Tuple[Tuple[int, int, int], str, str]]:
+    """The latent shape ``(C, H, W)`` the experiment's data (its ``data`` section) has, and where it comes from.
 
     The shards' manifest when ``data/<dataset>`` has one; else, for ``data.source=folder``,
     ``data.resolution`` over the VAE's downsampling with its latent channels (read from its
@@ -233,7 +232,7 @@ def expected_latent_shape(cfg: Any) -> Optional[Tuple[Tuple[int, int, int], str,
     """
     from bafm.data.manifest import MANIFEST
 
-    d = cfg.data
+    d = data
     manifest = Path(d.root) / d.dataset / MANIFEST
     if manifest.is_file():
         try:
@@ -253,22 +252,23 @@ def expected_latent_shape(cfg: Any) -> Optional[Tuple[Tuple[int, int, int], str,
     return (int(config["latent_channels"]), size, size), where, "data.resolution"
 
 
-def check_latent_shape(cfg: Any, backbone_shape: Sequence[int]) -> None:
+def check_latent_shape(data: Any, backbone_shape: Sequence[int], backbone_path: str = "") -> None:
     """Fail before any work when the experiment's latents do not fit the backbone.
 
     Args:
-        cfg: the experiment config (``data``, ``backbone.path``).
+        data: the ``data`` config section.
         backbone_shape: ``(C, H, W)`` the backbone takes.
+        backbone_path: the backbone's checkpoint, for the message.
 
     Raises:
         LatentShapeError: one line naming both shapes, where each comes from and what to change.
     """
-    found = expected_latent_shape(cfg)
+    found = expected_latent_shape(data)
     if found is None or tuple(found[0]) == tuple(backbone_shape):
         return
     shape, source, key = found
     raise LatentShapeError(
         f"latent shape mismatch: {source} gives latents of shape {tuple(shape)} (C, H, W), but the backbone "
-        f"'{cfg.backbone.path}' expects {tuple(int(s) for s in backbone_shape)}; use a backbone trained on "
+        f"'{backbone_path}' expects {tuple(int(s) for s in backbone_shape)}; use a backbone trained on "
         f"latents of that shape, or change {key} to match it."
     )

@@ -30,14 +30,15 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from bafm.config import ExperimentConfig, run_dir, sampling_settings, to_container
-from bafm.editing.inputs import (EditInputError, EditInputs, Point, check_inputs, load_inputs, plan_points,
-                                 point_grids)
+from bafm.config import ExperimentConfig, run_dir, sampling_settings, sidenet_path, to_container
+from bafm.editing.inputs import EditInputs, check_inputs, load_inputs, point_grids
+from bafm.editing.plan import REFERENCE, EditInputError, EditPoint, edit_plan
 from bafm.editing.inversion import edit_latents
-from bafm.models.anchor_features import anchor_for, uses_backbone_features
 from bafm.editing.report import (Row, latent_rmse, markdown_table, notes, psnr, render_grid, rows_to_csv,
                                  target_scores)  # fmt: skip
-from bafm.sampling import GridSpec, grid_label, is_adaptive, steps_for_budget
+from bafm.sampling import grid_label
+from bafm.solvers.ground_truth import Reference
+from bafm.solvers.grids import GridSpec, steps_for_budget
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -59,14 +60,14 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _load_models(
-    cfg: ExperimentConfig, points: Sequence[Point], device: torch.device
+    cfg: ExperimentConfig, points: Sequence[EditPoint], device: torch.device
 ) -> Tuple[nn.Module, Optional[nn.Module]]:
     """The frozen backbone, and the SideNet when a solver needs one (the sweep's loader)."""
     from bafm.experiment import load_models
     from bafm.models.checkpoint_io import CheckpointError
 
     try:
-        return load_models(cfg, [name for name, _ in points], device)
+        return load_models(cfg.backbone, cfg.sidenet, sidenet_path(cfg), [point.solver for point in points], device)
     except (CheckpointError, ValueError, TypeError) as err:
         raise EditInputError(str(err)) from None
 
@@ -77,7 +78,7 @@ def _check_latent_shape(cfg: ExperimentConfig, backbone: nn.Module) -> None:
     from bafm.sampling import latent_shape
 
     try:
-        check_latent_shape(cfg, latent_shape(backbone))
+        check_latent_shape(cfg.data, latent_shape(backbone), cfg.backbone.path)
     except LatentShapeError as err:
         raise EditInputError(str(err)) from None
 
@@ -121,7 +122,7 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     from bafm.experiment import describe_sidenet
     from bafm.io import OutputFolderError, atomic_write_bytes, atomic_write_text, check_output_folder
 
-    points = plan_points(cfg)
+    points = edit_plan(cfg.edit, cfg.eval)
     check_inputs(cfg, points)
     grids = point_grids(cfg, points)
     dest = output_dir(cfg, out)
@@ -130,12 +131,12 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
     except OutputFolderError as err:
         raise EditInputError(str(err)) from None
     if print_table:
-        print(describe_sidenet(cfg, [name for name, _ in points]), flush=True)
+        print(describe_sidenet(cfg, [point.solver for point in points]), flush=True)
     device = _resolve_device(str(cfg.edit.device))
     backbone, sidenet = _load_models(cfg, points, device)
     _check_latent_shape(cfg, backbone)
     inputs = load_inputs(cfg, backbone, device)
-    decode = build_decoder(**decoder_options(cfg))
+    decode = build_decoder(**decoder_options(cfg.data))
     with torch.no_grad():
         reference_images = decode_batched(decode, inputs.latents, int(cfg.edit.batch_size))
         classifier = _load_classifier(cfg, reference_images, device)
@@ -161,24 +162,31 @@ def run_edit(cfg: ExperimentConfig, out: Optional[str] = None, *, print_table: b
 
 def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.Module], inputs: EditInputs,
               decode: Any, reference_images: Tensor, classifier: Optional[nn.Module],
-              grids: Mapping[Point, GridSpec]) -> Tuple[List[Row], List[Tuple[str, Tensor]]]:
-    """Every ``(solver, nfe)`` point (with its grid) over all inputs, in batches: metric rows and grid rows."""
+              grids: Mapping[EditPoint, GridSpec]) -> Tuple[List[Row], List[Tuple[str, Tensor]]]:
+    """Every point (with its grid) over all inputs, in batches: metric rows and grid rows.
+
+    The reference row is solved by the sweep's reference (``eval.reference_solver`` and its options);
+    an adaptive solver's row by its ``eval.tolerances`` level (``rtol = atol``).
+    """
     ec, settings = cfg.edit, sampling_settings(cfg, cfg_scale=cfg.edit.cfg_scale)
+    reference = Reference.from_eval(cfg.eval)
     target = torch.full_like(inputs.source, int(ec.target_class))
     rows: List[Row] = []
     grid_rows: List[Tuple[str, Tensor]] = []
     n, batch = inputs.latents.shape[0], int(ec.batch_size)
-    for (solver, nfe), grid in grids.items():
-        options = {"rtol": cfg.eval.reference_rtol, "atol": cfg.eval.reference_atol} if is_adaptive(solver) else {}
+    for point, grid in grids.items():
+        solver, nfe = point.solver, point.nfe
+        if solver == REFERENCE:  # the sweep's reference, on its own grid
+            grid_name, steps = reference.grid_label, len(reference.grid()) - 1
+        else:
+            grid_name, steps = grid_label(solver, settings), steps_for_budget(solver, nfe)
+        options = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
         recon, edits, counted = [], [], 0
         start = time.perf_counter()
         for lo in range(0, n, batch):
             res = edit_latents(
-                backbone.velocity, inputs.latents[lo : lo + batch], inputs.source[lo : lo + batch],
-                target[lo : lo + batch], solver, nfe, null_class=int(backbone.num_classes),
-                side_velocity=sidenet.velocity if sidenet is not None else None, cfg_scale=settings.cfg_scale,
-                interval=settings.guidance_interval, grid=grid, shift=settings.shift,
-                anchor=anchor_for(backbone, sidenet) if uses_backbone_features(sidenet) else None, **options,
+                backbone, sidenet, inputs.latents[lo : lo + batch], inputs.source[lo : lo + batch],
+                target[lo : lo + batch], solver, settings, nfe=nfe, grid=grid, reference=reference, **options,
             )
             recon.append(res.reconstruction)
             edits.append(res.edit)
@@ -191,13 +199,12 @@ def _edit_all(cfg: ExperimentConfig, backbone: nn.Module, sidenet: Optional[nn.M
         edit_images = decode_batched(decode, edit_latents_, batch)
         prob, acc = target_scores(classifier, edit_images, int(ec.target_class))
         rows.append({
-            "solver": solver, "grid": grid_label(solver, settings), "nfe": counted,
-            "steps": steps_for_budget(solver, nfe),
+            "solver": point.solver, "grid": grid_name, "tol": point.tol, "nfe": counted, "steps": steps,
             "recon_psnr": float(psnr(recon_images, reference_images).mean()),
             "recon_latent_rmse": latent_rmse(recon_latents, inputs.latents),
             "edit_target_prob": prob, "edit_target_acc": acc, "seconds": seconds, "n_images": n,
         })
-        name, shown = f"{solver} {counted} NFE", int(ec.grid_images)  # keep only what the grid shows
+        name, shown = f"{point.label} {counted} NFE", int(ec.grid_images)  # keep only what the grid shows
         grid_rows += [(f"{name} recon", recon_images[:shown].cpu()),
                       (f"{name} edit->{ec.target_class}", edit_images[:shown].cpu())]
         print(f"bafm edit: {name} done in {seconds:.3g} s", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``bafm edit``'s inputs: the points to run, every check that needs no model, and the images.
+"""``bafm edit``'s inputs: the grid of each point, every check that needs no model, and the images.
 
 Inputs are digits from the val split (``edit.indices``, embedded default) or the images of a
 folder (``edit.image_dir``, encoded with the experiment's VAE). Every input is checked before
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,15 +18,11 @@ from torch import Tensor, nn
 from bafm.config import ExperimentConfig, missing_backbone, sidenet_path
 from bafm.data.images import IMAGE_EXTENSIONS
 from bafm.data.manifest import latent_scaling_factor
-from bafm.sampling import GridSpec, is_adaptive, latent_shape, steps_for_budget
-from bafm.solvers import SOLVERS
-
-Point = Tuple[str, Optional[int]]  # (solver, NFE budget); None for the adaptive reference solver
-
-
-class EditInputError(ValueError):
-    """Bad ``bafm edit`` input (class, solver, budget, file, image size), found before sampling."""
-
+from bafm.editing.plan import REFERENCE, EditInputError, EditPoint
+from bafm.sampling import latent_shape
+from bafm.solvers import is_adaptive, uses_side_fn
+from bafm.solvers.ground_truth import Reference
+from bafm.solvers.grids import GridSpec
 
 @dataclass
 class EditInputs:
@@ -45,57 +41,34 @@ class EditInputs:
     names: List[str]
 
 
-def plan_points(cfg: ExperimentConfig) -> List[Point]:
-    """``(solver, nfe)`` pairs from ``edit.solvers`` / ``edit.budgets`` (nfe None for ``reference``).
-
-    Raises:
-        EditInputError: unknown or repeated solver, missing or infeasible budget.
-    """
-    ec = cfg.edit
-    solvers = list(ec.solvers)
-    if not solvers:
-        raise EditInputError("edit.solvers is empty; name at least one solver, e.g. edit.solvers=[ba,euler].")
-    points: List[Point] = []
-    for name in solvers:
-        if name not in SOLVERS:
-            raise EditInputError(f"unknown solver '{name}' in edit.solvers; valid solvers: {', '.join(SOLVERS)}.")
-        if solvers.count(name) > 1:
-            raise EditInputError(f"edit.solvers lists '{name}' {solvers.count(name)} times.")
-        if is_adaptive(name):
-            points.append((name, None))  # its NFE is counted, no budget applies
-            continue
-        if name not in ec.budgets or not list(ec.budgets[name]):
-            raise EditInputError(f"no NFE budgets for solver '{name}': set edit.budgets.{name}=[...].")
-        for nfe in ec.budgets[name]:
-            try:  # also rejects budgets that are not positive integers
-                steps_for_budget(name, nfe)
-            except ValueError as err:
-                raise EditInputError(f"edit.budgets.{name}: {err}.") from None
-            points.append((name, int(nfe)))
-    return points
-
-
-def point_grids(cfg: ExperimentConfig, points: Sequence[Point]) -> Dict[Point, GridSpec]:
+def point_grids(cfg: ExperimentConfig, points: Sequence[EditPoint]) -> Dict[EditPoint, GridSpec]:
     """The grid of every point: ``sampling.grid`` by name, or the point's stored grid when it is ``optimized``.
 
-    Adaptive solvers choose their own steps and keep the named grid (unused). An inversion runs its
-    generation grid backwards, so one optimized grid serves both directions.
+    The reference row gets the reference's own grid (``Reference.grid``, the sweep's); other adaptive
+    solvers choose their own steps and keep the named grid (unused). An inversion runs its generation
+    grid backwards, so one optimized grid serves both directions.
 
     Raises:
         EditInputError: the grid file is missing or malformed, or lacks a (solver, NFE) of ``points``.
     """
-    if str(cfg.sampling.grid) != "optimized":
-        return {point: str(cfg.sampling.grid) for point in points}
-    from bafm.experiment import load_optimized_grids
+    from bafm.experiment import grids_in_use
 
-    try:
-        table = load_optimized_grids(cfg)
-        return {(name, nfe): "uniform" if is_adaptive(name) else table.grid(name, nfe) for name, nfe in points}
-    except (FileNotFoundError, ValueError) as err:
-        raise EditInputError(str(err)) from None
+    reference, table = Reference.from_eval(cfg.eval), grids_in_use(cfg, EditInputError)
+    grids: Dict[EditPoint, GridSpec] = {}
+    for point in points:
+        if point.solver == REFERENCE:
+            grids[point] = reference.grid()
+        elif table is None or is_adaptive(point.solver):
+            grids[point] = str(cfg.sampling.grid) if table is None else "uniform"
+        else:
+            try:
+                grids[point] = table.grid(point.solver, point.nfe)
+            except ValueError as err:
+                raise EditInputError(str(err)) from None
+    return grids
 
 
-def check_inputs(cfg: ExperimentConfig, points: Sequence[Point]) -> None:
+def check_inputs(cfg: ExperimentConfig, points: Sequence[EditPoint]) -> None:
     """The checks that need no model: classes, options, files, indices.
 
     Raises:
@@ -117,8 +90,8 @@ def check_inputs(cfg: ExperimentConfig, points: Sequence[Point]) -> None:
     if missing_backbone(cfg):
         raise EditInputError(missing_backbone(cfg))
     side = sidenet_path(cfg)
-    for name, _ in points:
-        if SOLVERS[name].uses_side_fn and not side.is_file():
+    for name in dict.fromkeys(point.solver for point in points):
+        if uses_side_fn(name) and not side.is_file():
             raise EditInputError(
                 f"solver '{name}' needs a trained SideNet, none found at '{side}' (sidenet.path, else "
                 f"<runs_dir>/<name>/sidenet.safetensors, else <checkpoints_dir>/<name>/sidenet.safetensors). "
@@ -222,7 +195,7 @@ def load_inputs(cfg: ExperimentConfig, backbone: nn.Module, device: torch.device
         return EditInputs(latents.to(device), ((pixels + 1.0) / 2.0).clamp(0, 1).to(device), source.to(device), names)
     from bafm.data.digits import digits_options, load_digits_images
 
-    images, labels = load_digits_images("val", **digits_options(cfg))
+    images, labels = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     idx = torch.as_tensor(list(ec.indices), dtype=torch.int64)
     latents, source = images[idx], labels[idx]
     if tuple(latents.shape[1:]) != shape:

@@ -2,20 +2,18 @@
 
 ``edit_latents`` inverts under the source class and regenerates the noise twice: under the
 source class (a reconstruction, which measures the round-trip error) and under the target class
-(the edit). Grids, solvers and both directions are ``bafm.sampling``'s; guidance, if any, lives in
-the closures of ``bafm.models.guidance``.
+(the edit), all three with ``bafm.sampling.solve_batch`` (the sampling path of the sweep, in both
+directions); guidance, if any, lives in the closures of ``bafm.models.guidance``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from bafm.models.anchor_features import AnchorFn
-from bafm.models.guidance import DEFAULT_GUIDANCE_INTERVAL, BackboneVelocity, SideVelocity
-from bafm.sampling import GridSpec, integrate, invert, sampling_fns
+from bafm.sampling import SamplingSettings, solve_batch
 
 
 @dataclass
@@ -38,52 +36,36 @@ class EditLatents:
 
 
 def edit_latents(
-    backbone_velocity: BackboneVelocity,
+    backbone: nn.Module,
+    sidenet: Optional[nn.Module],
     x0: Tensor,
     source: Tensor,
     target: Tensor,
     solver: str,
-    nfe: Optional[int],
-    *,
-    null_class: int,
-    side_velocity: Optional[SideVelocity] = None,
-    cfg_scale: float = 1.0,
-    interval: Optional[Tuple[float, float]] = DEFAULT_GUIDANCE_INTERVAL,
-    grid: GridSpec = "uniform",
-    shift: float = 1.0,
-    anchor: Optional[AnchorFn] = None,
-    **solver_options: Any,
+    sampling: SamplingSettings,
+    **solve_options: Any,
 ) -> EditLatents:
     """Invert under ``source``, regenerate under ``source`` (reconstruction) and ``target`` (edit).
 
     Args:
-        backbone_velocity: ``backbone.velocity(x, t, y)`` in the project convention.
+        backbone: module with ``velocity(x, t, y)`` in the project convention and ``num_classes``.
+        sidenet: module with ``velocity(x, v, t, h, y)``; required by the SideNet solvers (``uses_side_fn``).
         x0: latents ``(B, C, H, W)`` at ``t = 0``.
         source: int64 source classes ``(B,)``.
         target: int64 target classes ``(B,)``.
-        solver: registry name.
-        nfe: NFE budget of each direction (None for ``reference``).
-        null_class: unconditional label (``num_classes``).
-        side_velocity: ``sidenet.velocity(x, v, t, h, y)``; required by ``ba`` / ``ba-single``.
-        cfg_scale: guidance scale, the same for all three solves (1.0: none).
-        interval: guidance interval ``(lo, hi)``; None: every ``t``.
-        grid: grid kind or explicit grid, shared by the three solves.
-        shift: time shift of ``"shift"`` grids.
-        anchor: ``(x, t, y) -> (v, features)`` for a SideNet that reads the backbone's tokens.
-        **solver_options: passed to the solver.
+        solver: registry name, or ``"reference"`` with ``reference=`` (see ``solve_batch``).
+        sampling: guidance (the same for all three solves) and the grid kind.
+        **solve_options: ``solve_batch``'s keywords, shared by the three solves: ``nfe`` (of each
+            direction), ``grid`` (a kind or an explicit grid, run backwards by the inversion),
+            ``reference``, solver options.
 
     Returns:
         The noise, the reconstruction and the edit.
 
     Raises:
-        ValueError: a SideNet solver without ``side_velocity``, bad labels or budget.
+        ValueError: a SideNet solver without a SideNet, bad labels or budget.
     """
-    guidance: Dict[str, Any] = dict(null_class=null_class, side_velocity=side_velocity, cfg_scale=cfg_scale,
-                                    interval=interval, anchor=anchor)  # fmt: skip
-    v_src, s_src = sampling_fns(solver, backbone_velocity, source, **guidance)
-    v_tgt, s_tgt = sampling_fns(solver, backbone_velocity, target, **guidance)
-    common: Dict[str, Any] = dict(grid=grid, shift=shift, **solver_options)
-    inverted = invert(v_src, x0, solver, nfe, s_src, **common)
-    recon = integrate(v_src, inverted.x, solver, nfe, s_src, **common)
-    edited = integrate(v_tgt, inverted.x, solver, nfe, s_tgt, **common)
+    inverted = solve_batch(backbone, sidenet, solver, x0, source, sampling, increasing=True, **solve_options)
+    recon = solve_batch(backbone, sidenet, solver, inverted.x, source, sampling, **solve_options)
+    edited = solve_batch(backbone, sidenet, solver, inverted.x, target, sampling, **solve_options)
     return EditLatents(inverted.x, recon.x, edited.x, inverted.nfe, inverted.side_calls)

@@ -13,8 +13,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from bafm.config import ExperimentConfig
 from bafm.tables import csv_text, markdown_text
 
-COLUMNS = ("solver", "grid", "nfe", "steps", "recon_psnr", "recon_latent_rmse", "edit_target_prob", "edit_target_acc",
-           "seconds", "n_images")  # fmt: skip
+COLUMNS = ("solver", "grid", "tol", "nfe", "steps", "recon_psnr", "recon_latent_rmse", "edit_target_prob",
+           "edit_target_acc", "seconds", "n_images")  # fmt: skip
 Row = Dict[str, Any]
 
 

@@ -10,6 +10,8 @@ noise and label (see ``bafm.sampling``), decoded to ``[0, 1]`` images and summar
   reference's real features (blank when the reference has none);
 - ``traj_rmse``: mean over samples of the RMS latent distance to the ``reference`` solver's
   sample from the same noise and label (the reference is solved once and cached);
+- ``flops``: the FLOPs of a sample's solve in units of one backbone forward on one sample (see
+  ``bafm.eval.plan.COLUMNS``);
 - ``seconds``: sampling wall time per image on this device (CUDA-synchronised).
 
 Samples are split across ranks by index, in groups of ``reference_batch_size`` consecutive
@@ -31,9 +33,9 @@ from bafm.eval.features import FeatureExtractor
 from bafm.eval.metrics import FeatureStats, ReferenceStats
 from bafm.eval.plan import (COLUMNS, Grids, Row, SampleSink, SweepInputError, SweepPoint, SweepSettings,
                             check_optimized_grids, partition, plan_sweep)  # fmt: skip
-from bafm.eval.points import ReferenceCache, SweepContext, reduce_point, run_point
+from bafm.eval.points import ReferenceCache, SweepContext, network_flops_for, reduce_point, run_point
 from bafm.sampling import REFERENCE, latent_shape
-from bafm.solvers import SOLVERS
+from bafm.solvers import is_adaptive
 from bafm.solvers.grid_store import GridTable
 
 __all__ = ["COLUMNS", "ReferenceCache", "Row", "SweepEngine", "SweepInputError", "SweepPoint", "SweepResult",
@@ -108,11 +110,12 @@ def evaluate_sweep(
     batches = [b for b in local.split(st.batch_size) if b.numel()]
 
     cache = reference_cache if reference_cache is not None else ReferenceCache()
-    key = (id(backbone), st.seed, tuple(shape), st.reference_rtol, st.reference_atol, st.reference_batch_size,
-           st.reference_solver, st.reference_steps, st.sampling.cfg_scale, st.sampling.guidance_interval,
+    key = (id(backbone), st.seed, tuple(shape), st.reference, st.reference_batch_size, st.sampling.cfg_scale,
+           st.sampling.guidance_interval,
            feature_extractor.name)
     if cache.key != key:
         cache.reset(key)
+    flops = network_flops_for(backbone, sidenet, shape, device, cache)
 
     todo = ([SweepPoint(REFERENCE, 0, 0)] if include_reference else []) + points
     bar = None
@@ -123,7 +126,7 @@ def evaluate_sweep(
     ctx = SweepContext(
         backbone=backbone, sidenet=sidenet, settings=st, shape=shape, decoder=decoder, extractor=feature_extractor,
         reference_stats=reference_stats, device=device, cache=cache, use_reference=include_reference,
-        keep_uint8=sample_sink is not None, bar=bar, world=world, grid_table=grid_table,
+        keep_uint8=sample_sink is not None, bar=bar, world=world, grid_table=grid_table, flops=flops,
     )
 
     rows: List[Row] = []
@@ -139,7 +142,7 @@ def evaluate_sweep(
             if rank != 0:
                 continue
             # A fixed-step point keeps its requested budget as key; the reference its counted NFE.
-            adaptive = SOLVERS[point.solver].nfe_per_step is None
+            adaptive = is_adaptive(point.solver)
             nfe = int(round(row["nfe"])) if adaptive else point.nfe
             if not adaptive and row["nfe"] != point.nfe:
                 warnings.warn(f"{point.solver}: {point.nfe} NFE requested, {row['nfe']} counted.", stacklevel=2)

@@ -35,6 +35,9 @@ SPATIAL_SIZE = 17
 
 Features = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
+# eval.feature_extractor choices: the embedded default's digits classifier, or torch-fidelity's Inception.
+FEATURE_EXTRACTORS = ("classifier", "inception")
+
 
 @dataclass
 class FeatureBatch:
@@ -273,7 +276,7 @@ def build_feature_extractor(
     elif kind == "inception":
         extractor = InceptionFeatures(inception_weights)
     else:
-        raise ValueError(f"eval.feature_extractor is '{kind}', expected one of: classifier, inception.")
+        raise ValueError(f"eval.feature_extractor is '{kind}', expected one of: {', '.join(FEATURE_EXTRACTORS)}.")
     return extractor.to(device).eval()
 
 
@@ -295,4 +298,4 @@ def check_feature_extractor_files(
     elif kind == "inception":
         resolve_inception_weights(inception_weights)
     else:
-        raise ValueError(f"eval.feature_extractor is '{kind}', expected one of: classifier, inception.")
+        raise ValueError(f"eval.feature_extractor is '{kind}', expected one of: {', '.join(FEATURE_EXTRACTORS)}.")

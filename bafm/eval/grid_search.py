@@ -2,8 +2,10 @@
 
 For every requested solver and budget, the interior times of the grid are searched so that the
 mean over a calibration set of the RMS distance between the solver's sample and the
-``reference`` solver's sample from the same noise and label (the sweep's ``traj_rmse``) is
-smallest. The calibration set is ``optimize_grid.num_samples`` samples with per-sample seeds
+reference's sample from the same noise and label (the sweep's ``traj_rmse``, against the same
+``eval.reference_solver``: dopri5 at ``eval.reference_rtol``/``atol``, or RK4 at
+``eval.reference_steps``) is smallest. The calibration set is ``optimize_grid.num_samples`` samples
+with per-sample seeds
 ``optimize_grid.seed + i``, which must not overlap the evaluation seeds
 ``eval.seed + [0, eval.num_samples)``.
 
@@ -34,20 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from bafm.config import ExperimentConfig, grid_file_path, sampling_settings, sidenet_path
-from bafm.sampling import (REFERENCE, SamplingSettings, latent_shape, sample_labels, sample_noise, solve_batch,
-                           uses_side_fn)
-from bafm.solvers import SOLVERS
+from bafm.eval.grid_plan import GridSearchError, plan_search
 from bafm.io import OutputFolderError, check_not_tracked, check_output_folder, file_lock
+from bafm.sampling import SamplingSettings, latent_shape, reference_solve, sample_inputs, solve_batch
+from bafm.solvers import uses_side_fn
 from bafm.solvers.grid_store import GridTable, load_grid_table, save_grid_table
+from bafm.solvers.ground_truth import Reference
 from bafm.solvers.grids import steps_for_nfe, uniform_grid
 
-SEARCH_METHODS = ("nelder-mead", "powell")
 KEEP_HINT = "its grids are kept: move it away or pass another file (--out)"
 OBJECTIVE = "mean over calibration samples of the RMS latent distance to the reference solver's sample (traj_rmse)"
-
-
-class GridSearchError(ValueError):
-    """Bad optimize-grid input, detected before any sampling."""
 
 
 def grid_from_params(theta: np.ndarray) -> List[float]:
@@ -76,24 +74,20 @@ class Calibration:
         seed: base seed.
         device: sampling device.
         batch_size: samples per solve.
-        reference_options: ``rtol``/``atol`` of the reference solver.
+        reference: the ground truth's solver and options (``eval.reference_solver`` and its keys, as in
+            the sweep).
         reference_group: samples per reference solve (as in the sweep).
     """
 
     def __init__(self, backbone: nn.Module, sidenet: Optional[nn.Module], sampling: SamplingSettings, indices: Tensor,
-                 seed: int, device: torch.device, batch_size: int, reference_options: Dict[str, float],
+                 seed: int, device: torch.device, batch_size: int, reference: Reference,
                  reference_group: int) -> None:
         self.backbone, self.sidenet, self.sampling, self.device = backbone, sidenet, sampling, device
-        shape = latent_shape(backbone)
-        self.batches: List[Tuple[Tensor, Tensor]] = []
-        for idx in indices.split(batch_size):
-            self.batches.append((sample_noise(idx, shape, seed, device=device),
-                                 sample_labels(idx, int(backbone.num_classes), device=device)))
-        refs = []
-        for idx in indices.split(reference_group):
-            noise = sample_noise(idx, shape, seed, device=device)
-            labels = sample_labels(idx, int(backbone.num_classes), device=device)
-            refs.append(solve_batch(backbone, None, REFERENCE, 1, noise, labels, sampling, **reference_options).x)
+        shape, classes = latent_shape(backbone), int(backbone.num_classes)
+        self.batches: List[Tuple[Tensor, Tensor]] = [sample_inputs(idx, shape, seed, classes, device=device)
+                                                     for idx in indices.split(batch_size)]
+        refs = [reference_solve(backbone, *sample_inputs(idx, shape, seed, classes, device=device), sampling,
+                                reference).x for idx in indices.split(reference_group)]
         self.reference = torch.cat(refs).double()
         self.backbone_calls = 0  # batched backbone calls spent by ``error``
 
@@ -103,8 +97,7 @@ class Calibration:
         t_grid = torch.tensor(grid, dtype=torch.float64, device=self.device)
         total, start = 0.0, 0
         for noise, labels in self.batches:
-            res = solve_batch(self.backbone, self.sidenet, solver, len(grid) - 1, noise, labels, self.sampling,
-                              t_grid=t_grid)
+            res = solve_batch(self.backbone, self.sidenet, solver, noise, labels, self.sampling, grid=t_grid)
             self.backbone_calls += res.nfe
             ref = self.reference[start : start + noise.shape[0]]
             total += float((res.x.double() - ref).flatten(1).pow(2).mean(dim=1).sqrt().sum())
@@ -151,42 +144,6 @@ def search_grid(calibration: Calibration, solver: str, nfe: int, method: str, ma
             "seconds": time.perf_counter() - started, "backbone_calls": calibration.backbone_calls - calls_before}
 
 
-def plan_search(cfg: ExperimentConfig) -> List[Tuple[str, int]]:
-    """The (solver, NFE) pairs to search, checked before anything is loaded.
-
-    Raises:
-        GridSearchError: unknown or adaptive solver, infeasible budget, bad method, calibration
-            seeds overlapping the evaluation seeds.
-    """
-    oc, ec = cfg.optimize_grid, cfg.eval
-    if oc.method not in SEARCH_METHODS:
-        raise GridSearchError(f"optimize_grid.method is '{oc.method}', expected one of: {', '.join(SEARCH_METHODS)}.")
-    lo, hi = int(oc.seed), int(oc.seed) + int(oc.num_samples)
-    if lo < int(ec.seed) + int(ec.num_samples) and int(ec.seed) < hi:
-        raise GridSearchError(
-            f"calibration seeds [{lo}, {hi}) (optimize_grid.seed, optimize_grid.num_samples) overlap the evaluation "
-            f"seeds [{ec.seed}, {int(ec.seed) + int(ec.num_samples)}) (eval.seed, eval.num_samples); pick another "
-            "optimize_grid.seed."
-        )
-    pairs = []
-    for solver in oc.solvers:
-        if solver not in SOLVERS or SOLVERS[solver].nfe_per_step is None:
-            fixed = [s for s in SOLVERS if SOLVERS[s].nfe_per_step is not None]
-            raise GridSearchError(f"optimize_grid.solvers: '{solver}' is not a fixed-grid solver; one of: {', '.join(fixed)}.")
-        budgets = oc.budgets.get(solver) if solver in oc.budgets else [
-            n for n in ec.budgets.get(solver, []) if n <= int(oc.max_nfe)]
-        if not budgets:
-            raise GridSearchError(f"no budgets to search for '{solver}': set optimize_grid.budgets.{solver}=[...] "
-                                  f"(or eval.budgets.{solver} with entries <= optimize_grid.max_nfe).")
-        for nfe in budgets:
-            try:
-                steps_for_nfe(solver, int(nfe))
-            except ValueError as err:
-                raise GridSearchError(f"optimize_grid budgets for '{solver}': {err}") from None
-            pairs.append((solver, int(nfe)))
-    return pairs
-
-
 def output_path(cfg: ExperimentConfig, out: Optional[str]) -> Path:
     """``--out`` (a ``.json`` file, or a folder for ``<sidenet stem>.grids.json``), else ``grid_file_path(cfg)``."""
     default = grid_file_path(cfg)
@@ -206,7 +163,7 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
     """
     from bafm.experiment import check_grids_match_sidenet, load_models, sidenet_fingerprint
 
-    pairs = plan_search(cfg)
+    pairs = plan_search(cfg.optimize_grid, cfg.eval)
     oc, ec = cfg.optimize_grid, cfg.eval
     solvers = sorted({s for s, _ in pairs})
     side = sidenet_path(cfg)
@@ -229,12 +186,12 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
             raise GridSearchError(f"{err}; {KEEP_HINT}") from None
     name = str(ec.device)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    backbone, sidenet = load_models(cfg, solvers, device)
+    backbone, sidenet = load_models(cfg.backbone, cfg.sidenet, side, solvers, device)
     indices = torch.arange(int(oc.num_samples), dtype=torch.int64)
+    reference = Reference.from_eval(ec)
     started = time.perf_counter()
     calibration = Calibration(backbone, sidenet, sampling_settings(cfg), indices, int(oc.seed), device, int(oc.batch_size),
-                              {"rtol": float(ec.reference_rtol), "atol": float(ec.reference_atol)},
-                              int(ec.reference_batch_size))
+                              reference, int(ec.reference_batch_size))
     reference_seconds = time.perf_counter() - started
     settings = {
         "calibration": {"seed": int(oc.seed), "num_samples": int(oc.num_samples),
@@ -246,8 +203,7 @@ def optimize_grids(cfg: ExperimentConfig, out: Optional[str] = None, *, progress
                    "parameters": "t_k = 1 - cumsum(softmax([theta, 0]))_k, theta in R^(steps - 1)"},
     }
     meta = {
-        "objective": {"metric": OBJECTIVE, "reference": {"solver": REFERENCE, "rtol": float(ec.reference_rtol),
-                                                         "atol": float(ec.reference_atol)}},
+        "objective": {"metric": OBJECTIVE, "reference": reference.as_dict()},
         **settings,  # of the latest run; each result also records the settings that found it
         "models": {"backbone": str(cfg.backbone.path), "sidenet": str(side),
                    "sidenet_sha256": sidenet_fingerprint(side)},  # sampling.grid=optimized checks it

@@ -21,7 +21,8 @@ from bafm.eval.features import FeatureExtractor, build_feature_extractor, check_
 from bafm.eval.metrics import FeatureStats
 from bafm.eval.plan import SweepInputError, SweepPoint, SweepSettings, plan_sweep
 from bafm.eval.reference_stats import check_reference_source, resolve_reference_stats
-from bafm.experiment import load_optimized_grids
+from bafm.experiment import grids_in_use
+from bafm.solvers.ground_truth import Reference
 
 
 def check_eval_files(cfg: Any) -> None:
@@ -34,7 +35,7 @@ def check_eval_files(cfg: Any) -> None:
     try:
         check_feature_extractor_files(ec.feature_extractor, classifier_path=ec.classifier_path,
                                       inception_weights=ec.inception_weights)
-        check_reference_source(cfg)
+        check_reference_source(cfg.eval, cfg.data)
     except (FileNotFoundError, ValueError) as err:
         raise SweepInputError(str(err)) from None
     if cfg.data.source != "digits" and not Path(cfg.data.vae_path).exists():
@@ -93,8 +94,9 @@ def build_eval_inputs(
     ec = cfg.eval
     extractor = build_feature_extractor(ec.feature_extractor, classifier_path=ec.classifier_path,
                                         inception_weights=ec.inception_weights, device=device)
-    stats = resolve_reference_stats(cfg, extractor, device=device, batch_size=int(ec.batch_size))
-    return build_decoder(**decoder_options(cfg)), extractor, stats
+    stats = resolve_reference_stats(cfg.eval, cfg.data, extractor, device=device, batch_size=int(ec.batch_size),
+                                    seed=int(cfg.seed))
+    return build_decoder(**decoder_options(cfg.data)), extractor, stats
 
 
 def sweep_settings(cfg: Any) -> SweepSettings:
@@ -102,10 +104,10 @@ def sweep_settings(cfg: Any) -> SweepSettings:
     ec = cfg.eval
     return SweepSettings(
         sampling=sampling_settings(cfg), seed=int(ec.seed), batch_size=int(ec.batch_size),
-        reference_rtol=float(ec.reference_rtol), reference_atol=float(ec.reference_atol),
-        reference_batch_size=int(ec.reference_batch_size), reference_solver=str(ec.reference_solver),
-        reference_steps=int(ec.reference_steps), include_reference=bool(ec.include_reference),
-        grid_images=int(ec.grid_images), is_splits=int(ec.is_splits), sidenet_hint=str(sidenet_path(cfg)),
+        reference=Reference.from_eval(ec), reference_batch_size=int(ec.reference_batch_size),
+        include_reference=bool(ec.include_reference),
+        grid_images=int(ec.grid_images), is_splits=int(ec.is_splits),
+        metrics_convention=str(ec.metrics_convention), sidenet_hint=str(sidenet_path(cfg)),
     )
 
 
@@ -119,12 +121,7 @@ def build_sweep_engine(cfg: Any, device: torch.device | str = "cpu") -> SweepEng
     Raises:
         SweepInputError: a file it needs is missing (names it and how to make it).
     """
-    table = None
-    if str(cfg.sampling.grid) == "optimized":
-        try:
-            table = load_optimized_grids(cfg)
-        except (FileNotFoundError, ValueError) as err:
-            raise SweepInputError(str(err)) from None
+    table = grids_in_use(cfg, SweepInputError)
     decoder, extractor, stats = build_eval_inputs(cfg, device)
     return SweepEngine(sweep_settings(cfg), decoder=decoder, feature_extractor=extractor, reference_stats=stats,
                        grid_table=table)

@@ -5,7 +5,9 @@ feature vectors (pool features, resp. spatial features); IS reads class logits; 
 recall compare k-nearest-neighbour manifolds (k = 3) of generated and real features. The
 formulas are torch-fidelity's (``fid_statistics_to_metric``, ``isc_features_to_metric``,
 ``prc_features_to_metric``), so the numbers match the usual ImageNet tables; this module only
-fixes dtypes, shapes and edge cases.
+fixes dtypes, shapes and edge cases. ``convention="adm"`` computes precision/recall and IS as
+the ADM evaluation suite does instead (``bafm.eval.metrics_adm``): float16 distances and
+consecutive IS chunks of 5000 samples.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
+from bafm.eval.metrics_adm import inception_score_adm, precision_recall_adm
+
 PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds, as in the ADM suite and torch-fidelity
+# eval.metrics_convention -> how precision/recall and IS are computed (README, "Metric conventions").
+METRICS_CONVENTIONS = {
+    "torch-fidelity": "float32 distances; IS on N/splits shuffled chunks (torch-fidelity's seed 2020)",
+    "adm": "float16 distances; IS on consecutive chunks of 5000 (guided-diffusion's evaluator)",
+}
 
 
 @dataclass(frozen=True)
@@ -118,15 +127,17 @@ def fd_to_reference(features: torch.Tensor, reference_features: torch.Tensor) ->
     return frechet_distance(feature_statistics(features), feature_statistics(reference_features))
 
 
-def inception_score(logits: torch.Tensor, splits: int = 10) -> Tuple[float, float]:
+def inception_score(logits: torch.Tensor, splits: int = 10, convention: str = "torch-fidelity") -> Tuple[float, float]:
     """Inception score ``exp(E_x KL(p(y|x) || p(y)))`` from class logits, averaged over splits.
 
-    The samples are shuffled with torch-fidelity's fixed seed before splitting, as in its
-    ``calculate_metrics``; ``splits`` is capped at the number of samples.
+    torch-fidelity: the samples are shuffled with its fixed seed before splitting, as in its
+    ``calculate_metrics``; ``splits`` is capped at the number of samples. ADM: consecutive chunks
+    of 5000 samples in their order (``splits`` is not used).
 
     Args:
-        logits: ``(N, K)`` unnormalised class scores.
-        splits: number of disjoint chunks the score is computed on.
+        logits: ``(N, K)`` unnormalised class scores, in sample order.
+        splits: number of disjoint chunks the score is computed on (torch-fidelity).
+        convention: a key of ``METRICS_CONVENTIONS``.
 
     Returns:
         ``(mean, std)`` of the per-split scores.
@@ -135,6 +146,8 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> Tuple[float, floa
         raise ValueError(f"logits must be (N, K), got shape {tuple(logits.shape)}.")
     if logits.shape[0] == 0:
         raise ValueError("the inception score needs at least one sample.")
+    if _convention(convention) == "adm":
+        return inception_score_adm(logits)
     splits = max(1, min(int(splits), int(logits.shape[0])))
     out = isc_features_to_metric(logits.detach().to("cpu", torch.float64), splits=splits)
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
@@ -147,6 +160,7 @@ def precision_recall(
     neighborhood: int = PRC_NEIGHBORHOOD,
     batch_size: int = 10000,
     device: torch.device | str | None = None,
+    convention: str = "torch-fidelity",
 ) -> Tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) from k-NN manifolds.
 
@@ -155,7 +169,8 @@ def precision_recall(
     generated points inside the real manifold (fidelity), recall the fraction of real points
     inside the generated manifold (coverage); a point on a ball's boundary counts as inside.
     Computed by torch-fidelity's ``prc_features_to_metric`` in its memory-saving mode (at most
-    ``batch_size`` rows of a distance matrix at a time).
+    ``batch_size`` rows of a distance matrix at a time), or with ADM's float16 squared distances
+    (``convention="adm"``, ``bafm.eval.metrics_adm``).
 
     Args:
         generated: ``(N, D)`` features of generated samples, ``N > neighborhood``.
@@ -163,6 +178,7 @@ def precision_recall(
         neighborhood: k.
         batch_size: rows per block of pairwise distances.
         device: where the distances are computed (default: where ``generated`` is).
+        convention: a key of ``METRICS_CONVENTIONS``.
 
     Returns:
         ``(precision, recall)``: exact fractions ``count / N`` and ``count / M``.
@@ -177,6 +193,8 @@ def precision_recall(
         raise ValueError(f"generated and real features have different dimensions ({generated.shape[1]} vs "
                          f"{real.shape[1]}): were they computed with the same feature extractor?")
     device = torch.device(device) if device is not None else generated.device
+    if _convention(convention) == "adm":
+        return precision_recall_adm(generated, real, neighborhood=int(neighborhood), device=device)
     dtype = torch.promote_types(torch.promote_types(generated.dtype, real.dtype), torch.float32)
     out = prc_features_to_metric(
         generated.detach().to(device, dtype), real.detach().to(device, dtype),
@@ -227,6 +245,7 @@ def reference_metrics(
     spatial: Optional[torch.Tensor] = None,
     neighborhood: int = PRC_NEIGHBORHOOD,
     device: torch.device | str | None = None,
+    convention: str = "torch-fidelity",
 ) -> Dict[str, Optional[float]]:
     """``fid``, ``sfid``, ``precision`` and ``recall`` of generated features against a reference.
 
@@ -240,6 +259,7 @@ def reference_metrics(
         spatial: ``(N, S)`` generated spatial features, or None.
         neighborhood: k of precision/recall.
         device: where the pairwise distances of precision/recall are computed.
+        convention: how precision/recall are computed (a key of ``METRICS_CONVENTIONS``).
 
     Returns:
         ``{"fid", "sfid", "precision", "recall"}`` -> float, NaN or None.
@@ -256,7 +276,13 @@ def reference_metrics(
     if ref.features is not None:
         if n > neighborhood and ref.features.shape[0] > neighborhood:
             out["precision"], out["recall"] = precision_recall(features, ref.features, neighborhood=neighborhood,
-                                                               device=device)
+                                                               device=device, convention=convention)
         else:
             out["precision"] = out["recall"] = math.nan
     return out
+
+
+def _convention(name: str) -> str:
+    if name not in METRICS_CONVENTIONS:
+        raise ValueError(f"metrics convention is '{name}', expected one of: {', '.join(METRICS_CONVENTIONS)}.")
+    return name

@@ -12,14 +12,22 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from bafm.sampling import REFERENCE, SamplingSettings, uses_side_fn
-from bafm.solvers import SOLVERS
+from bafm.sampling import REFERENCE, SamplingSettings
+from bafm.solvers import SOLVERS, is_adaptive, uses_side_fn
 from bafm.solvers.grid_store import GridTable
+from bafm.solvers.ground_truth import Reference
 from bafm.solvers.grids import steps_for_nfe
 
 # sfid, precision, recall: None (a blank cell) where the extractor or reference lacks their inputs.
-COLUMNS = ("solver", "grid", "tol", "nfe", "steps", "fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse",
-           "seconds", "n_samples")
+# nfe: backbone calls per sample, a guided call on the doubled batch counted once (as in papers).
+# flops: FLOPs per sample in units of one backbone forward on one sample, counted: the rows that
+#   passed through the backbone and the SideNet during the solves, times each network's FLOPs per
+#   row (measured with torch.utils.flop_counter, bafm.models.flops), over the backbone's. FLOPs
+#   are real work, so a guided call on the doubled batch costs 2 here, and BA's SideNet
+#   evaluations (three forward nodes and one backward per step, on doubled rows with guidance)
+#   add their share. NaN when the backbone has no counted FLOPs.
+COLUMNS = ("solver", "grid", "tol", "nfe", "flops", "steps", "fid", "fd_ref", "sfid", "is", "precision", "recall",
+           "traj_rmse", "seconds", "n_samples")
 Row = Dict[str, Any]
 Grids = Dict[Tuple[str, int], Tensor]
 # sample_sink(solver, nfe, images): all samples of one sweep point, uint8 (N, H, W, C), rank 0.
@@ -50,31 +58,26 @@ class SweepSettings:
         sampling: time grid and guidance.
         seed: base seed; sample ``i`` starts from noise seeded with ``seed + i``.
         batch_size: samples per solve on each rank.
-        reference_rtol: relative tolerance of the reference solver.
-        reference_atol: absolute tolerance of the reference solver.
+        reference: the ground truth's solver and options (``bafm.solvers.ground_truth``).
         reference_batch_size: the reference solves fixed groups of this many consecutive samples
             (its adaptive step size is shared by a solve), so its samples, too, are the same for
             any ``batch_size`` and number of processes.
-        reference_solver: ``dopri5`` (adaptive, the tolerances above; NFE unbounded) or ``rk4``
-            (``reference_steps`` uniform steps: a bounded ``4 * reference_steps`` NFE per sample).
-        reference_steps: RK4 steps of the reference (ignored by dopri5).
         include_reference: evaluate the reference solver (needed for ``traj_rmse``).
         grid_images: the first this-many samples of each point form its image grid.
-        is_splits: splits of the inception score.
+        is_splits: splits of the inception score (torch-fidelity convention).
+        metrics_convention: ``torch-fidelity`` or ``adm`` (``bafm.eval.metrics.METRICS_CONVENTIONS``).
         sidenet_hint: the SideNet path expected, for the missing-SideNet error.
     """
 
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     seed: int = 0
     batch_size: int = 250
-    reference_rtol: float = 1e-5
-    reference_atol: float = 1e-5
+    reference: Reference = field(default_factory=Reference)
     reference_batch_size: int = 64
-    reference_solver: str = "dopri5"
-    reference_steps: int = 0
     include_reference: bool = True
     grid_images: int = 64
     is_splits: int = 10
+    metrics_convention: str = "torch-fidelity"
     sidenet_hint: str = ""
 
 
@@ -105,6 +108,7 @@ def plan_sweep(
     sidenet_available: bool,
     sidenet_hint: str = "",
     tolerances: Optional[Mapping[str, Sequence[float]]] = None,
+    keys: Tuple[str, str] = ("eval.solvers", "eval.budgets"),
 ) -> List[SweepPoint]:
     """Check solver names, budgets and the SideNet, and list the sweep points.
 
@@ -117,6 +121,8 @@ def plan_sweep(
         sidenet_hint: the SideNet checkpoint path expected, for the error message.
         tolerances: tolerance levels per adaptive solver (``{"ba-adaptive": [1e-2, 1e-3]}``); each
             level is one point solved with ``rtol = atol = level``.
+        keys: the config keys of ``solvers`` and ``budgets``, for the messages (the training
+            callback's are ``eval.callback_solvers`` and ``eval.callback_budgets``).
 
     Returns:
         The sweep points in the order given.
@@ -125,11 +131,12 @@ def plan_sweep(
         SweepInputError: unknown solver (lists the valid ones), missing or infeasible budget (names
             the nearest feasible ones), or a SideNet solver without a SideNet (names the path).
     """
+    solvers_key, budgets_key = keys
     valid = sorted(SOLVERS)
     points: List[SweepPoint] = []
     for name in solvers:
         if name not in SOLVERS:
-            raise SweepInputError(f"unknown solver '{name}' in eval.solvers; valid solvers: {', '.join(valid)}.")
+            raise SweepInputError(f"unknown solver '{name}' in {solvers_key}; valid solvers: {', '.join(valid)}.")
     for name in solvers:
         if name == REFERENCE:
             continue
@@ -139,9 +146,9 @@ def plan_sweep(
                 f"solver '{name}' needs a trained SideNet, none found{where}. Train one with `make train` "
                 "(it exports the EMA SideNet into runs/<experiment>/, used from then on), point sidenet.path "
                 "at one, or drop "
-                f"'{name}' from eval.solvers."
+                f"'{name}' from {solvers_key}."
             )
-        if SOLVERS[name].nfe_per_step is None:
+        if is_adaptive(name):
             levels = (tolerances or {}).get(name)
             if not levels:
                 raise SweepInputError(f"no tolerances for adaptive solver '{name}': set eval.tolerances.{name}=[...].")
@@ -152,7 +159,7 @@ def plan_sweep(
             continue
         if isinstance(budgets, Mapping):
             if name not in budgets:
-                raise SweepInputError(f"no NFE budgets for solver '{name}': set eval.budgets.{name}=[...].")
+                raise SweepInputError(f"no NFE budgets for solver '{name}': set {budgets_key}.{name}=[...].")
             wanted = list(budgets[name])
         else:
             wanted = list(budgets)
@@ -160,7 +167,8 @@ def plan_sweep(
             try:  # steps_for_nfe also rejects budgets that are not positive integers
                 steps = steps_for_nfe(name, nfe)
             except ValueError as err:
-                raise SweepInputError(f"eval.budgets.{name}: {err}") from None
+                where = f"{budgets_key}.{name}" if isinstance(budgets, Mapping) else budgets_key
+                raise SweepInputError(f"{where}: {err}") from None
             points.append(SweepPoint(name, int(nfe), int(steps)))
     return points
 
@@ -170,7 +178,7 @@ def check_optimized_grids(points: Sequence[SweepPoint], table: Optional[GridTabl
     if table is None:
         raise SweepInputError("sampling.grid is 'optimized' but no optimized grid file was loaded.")
     for point in points:
-        if SOLVERS[point.solver].nfe_per_step is not None and not table.has(point.solver, point.nfe):
+        if not is_adaptive(point.solver) and not table.has(point.solver, point.nfe):
             try:
                 table.grid(point.solver, point.nfe)
             except ValueError as err:

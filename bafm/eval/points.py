@@ -3,6 +3,9 @@ gather to rank 0 and turn the results into a row of metrics.
 
 The reference solver's features per sample are cached with its latents, so each row's ``fd_ref``
 (Fréchet distance to the reference samples from the same noises and labels) costs no sampling.
+
+Each solve counts the rows that pass through the backbone and the SideNet (``NetworkRows``); with
+each network's FLOPs per row (``bafm.models.flops``, measured once) they give the row's ``flops``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from bafm.eval.distributed import all_sum, gather_to_rank0, sync, world_info
 from bafm.eval.features import FeatureExtractor, to_uint8
 from bafm.eval.metrics import FeatureStats, ReferenceStats, fd_to_reference, inception_score, reference_metrics
 from bafm.eval.plan import Row, SweepPoint, SweepSettings
-from bafm.sampling import (REFERENCE, grid_label, is_adaptive, reference_solve, sample_labels, sample_noise,
-                           solve_batch)
+from bafm.models.flops import NetworkFlops, measure_flops
+from bafm.sampling import REFERENCE, grid_label, sample_inputs, solve_batch
+from bafm.solvers import is_adaptive
+from bafm.solvers.counting import NetworkRows
 from bafm.solvers.grid_store import GridTable
 
 
@@ -44,6 +49,8 @@ class ReferenceCache:
     nfe: Dict[int, float] = field(default_factory=dict)  # batch NFE each sample was solved with
     steps: Dict[int, float] = field(default_factory=dict)
     seconds: Dict[int, float] = field(default_factory=dict)  # sampling time per image
+    flops: Dict[int, float] = field(default_factory=dict)  # work per sample, in backbone calls
+    network_flops: Dict[Tuple[Any, ...], NetworkFlops] = field(default_factory=dict)  # see network_flops_for
 
     def reset(self, key: Tuple[Any, ...]) -> None:
         """Drop everything and adopt ``key``."""
@@ -64,6 +71,7 @@ class LocalResults:
     grid: List[Tensor] = field(default_factory=list)
     uint8: List[Tensor] = field(default_factory=list)
     nfe: float = 0.0  # sum over samples
+    flops: float = 0.0  # sum over samples, in backbone calls
     steps: float = 0.0
     seconds: float = 0.0
     count: int = 0
@@ -87,13 +95,13 @@ class SweepContext:
     bar: Any = None  # tqdm bar on rank 0
     world: int = 1
     grid_table: Optional[GridTable] = None  # optimized grids, for sampling.grid = optimized
+    flops: Optional[NetworkFlops] = None  # FLOPs per row of each network (None: the column stays NaN)
 
     def grid_name(self, solver: str) -> str:
-        """The ``grid`` column (``bafm.sampling.grid_label``; ``uniform`` for the RK4 reference)."""
-        st = self.settings
-        if solver == REFERENCE and st.reference_solver == "rk4":
-            return "uniform"  # the fixed-step reference's own grid (see reference_solve)
-        return grid_label(solver, st.sampling)
+        """The ``grid`` column: the reference's own (``Reference.grid_label``), else ``bafm.sampling.grid_label``."""
+        if solver == REFERENCE:
+            return self.settings.reference.grid_label
+        return grid_label(solver, self.settings.sampling)
 
     def grid_for(self, point: "SweepPoint", device: torch.device) -> Optional[Tensor]:
         """The point's optimized grid, or None to let the sampler build ``sampling.grid``."""
@@ -102,6 +110,22 @@ class SweepContext:
         if self.grid_table is None:
             raise ValueError("sampling.grid is 'optimized' but no grid table was loaded")
         return self.grid_table.grid(point.solver, point.nfe, device=device)
+
+
+def network_flops_for(backbone: nn.Module, sidenet: Optional[nn.Module], shape: Tuple[int, ...],
+                      device: torch.device, cache: ReferenceCache) -> NetworkFlops:
+    """Each network's FLOPs per row, measured once and kept in ``cache`` for later sweeps.
+
+    Keyed by the models' identities and the SideNet's configuration (its weights may change
+    between sweeps during training; its FLOPs do not).
+    """
+    side_key = None
+    if sidenet is not None:
+        side_key = (id(sidenet), type(sidenet).__name__, repr(getattr(sidenet, "config", None)))
+    key = (id(backbone), side_key, tuple(shape))
+    if key not in cache.network_flops:
+        cache.network_flops[key] = measure_flops(backbone, sidenet, shape, device)
+    return cache.network_flops[key]
 
 
 def image_grid(images: Tensor) -> Tensor:
@@ -139,20 +163,18 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             logits = torch.stack([cache.logits[i] for i in ids]) if ids[0] in cache.logits else None
             spatial = torch.stack([cache.spatial[i] for i in ids]) if ids[0] in cache.spatial else None
             nfe, steps = sum(cache.nfe[i] for i in ids), sum(cache.steps[i] for i in ids)
+            flops = sum(cache.flops[i] for i in ids)
             elapsed = sum(cache.seconds[i] for i in ids)
         else:
-            noise = sample_noise(idx, ctx.shape, ctx.settings.seed, device=device)
-            labels = sample_labels(idx, int(ctx.backbone.num_classes), device=device)
             st = ctx.settings
+            noise, labels = sample_inputs(idx, ctx.shape, st.seed, int(ctx.backbone.num_classes), device=device)
+            opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
+            work = NetworkRows()
             sync(device)
             start = time.perf_counter()
-            if is_ref:
-                res = reference_solve(ctx.backbone, noise, labels, st.sampling, solver=st.reference_solver,
-                                      steps=st.reference_steps, rtol=st.reference_rtol, atol=st.reference_atol)
-            else:
-                opts = {"rtol": point.tol, "atol": point.tol} if point.tol is not None else {}
-                res = solve_batch(ctx.backbone, ctx.sidenet, point.solver, point.steps, noise, labels,
-                                  st.sampling, t_grid=t_grid, **opts)
+            res = solve_batch(ctx.backbone, None if is_ref else ctx.sidenet, point.solver, noise, labels, st.sampling,
+                              nfe=None if is_adaptive(point.solver) else point.nfe, grid=t_grid, reference=st.reference,
+                              work=work, **opts)
             sync(device)
             elapsed = time.perf_counter() - start
             x = res.x
@@ -161,6 +183,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             feats, logits, spatial = extracted.features, extracted.logits, extracted.spatial
             # Adaptive BA counts each sample's calls; the others spend res.nfe on every sample.
             nfe, steps = res.mean_nfe() * len(ids), float(res.steps) * len(ids)
+            flops = ctx.flops.backbone_calls(work) if ctx.flops is not None else math.nan
             if is_ref:
                 for r, i in enumerate(ids):
                     cache.latents[i] = x[r].detach().cpu()
@@ -171,6 +194,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
                         cache.spatial[i] = spatial[r].float().cpu()
                     cache.nfe[i], cache.steps[i] = float(res.nfe), float(res.steps)
                     cache.seconds[i] = elapsed / len(ids)
+                    cache.flops[i] = flops / len(ids)
         out.indices.append(idx)
         out.features.append(feats.float().cpu())
         if logits is not None:
@@ -191,6 +215,7 @@ def run_point(point: SweepPoint, batches: List[Tensor], ctx: SweepContext) -> Lo
             if ctx.keep_uint8:
                 out.uint8.append(to_uint8(images).permute(0, 2, 3, 1).cpu())  # (B, H, W, C)
         out.nfe += nfe
+        out.flops += flops
         out.steps += steps
         out.seconds += elapsed
         out.count += len(ids)
@@ -230,20 +255,22 @@ def reduce_point(
     gidx = torch.cat(local.grid_idx) if local.grid_idx else torch.zeros(0, dtype=torch.int64)
     grid_all = gather_to_rank0(cat(local.grid), gidx if local.grid else gidx[:0], device)
     u8 = gather_to_rank0(cat(local.uint8), idx, device, chunk=ctx.settings.batch_size) if ctx.keep_uint8 else None
-    nfe_sum, steps_sum, seconds_sum, count = all_sum([local.nfe, local.steps, local.seconds, local.count], device)
+    nfe_sum, flops_sum, steps_sum, seconds_sum, count = all_sum(
+        [local.nfe, local.flops, local.steps, local.seconds, local.count], device)
 
     n = max(int(count), 1)
     # Tolerance rows report their measured mean NFE per sample; the others an integer.
     nfe = round(nfe_sum / n, 2) if point.tol is not None else int(round(nfe_sum / n))
     row: Row = {"solver": point.solver, "grid": ctx.grid_name(point.solver), "tol": point.tol, "nfe": nfe,
-                "steps": int(round(steps_sum / n)), "fid": math.nan, "fd_ref": math.nan, "sfid": math.nan,
-                "is": math.nan, "precision": math.nan, "recall": math.nan, "traj_rmse": math.nan,
+                "flops": flops_sum / n, "steps": int(round(steps_sum / n)), "fid": math.nan, "fd_ref": math.nan,
+                "sfid": math.nan, "is": math.nan, "precision": math.nan, "recall": math.nan, "traj_rmse": math.nan,
                 "seconds": seconds_sum / n, "n_samples": int(count)}
     if rank != 0 or feats is None:
         return row, None, None
-    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device))
-    if logits is not None:
-        row["is"] = inception_score(logits, splits=ctx.settings.is_splits)[0]
+    convention = ctx.settings.metrics_convention
+    row.update(reference_metrics(feats, ctx.reference_stats, spatial=spatial, device=device, convention=convention))
+    if logits is not None:  # gathered in sample order, which ADM's consecutive IS chunks rely on
+        row["is"] = inception_score(logits, splits=ctx.settings.is_splits, convention=convention)[0]
     if ctx.use_reference and rmse is not None and rmse.numel():
         row["traj_rmse"] = float(rmse.double().mean())
     if point.solver == REFERENCE:

@@ -247,60 +247,65 @@ def compute_stats(
     return compute_reference(batches, extractor, device).pool
 
 
-def digits_images01(cfg: Any) -> torch.Tensor:
-    """All real digits (train + val) in ``[0, 1]``, ``(N, 1, H, W)``."""
+def digits_images01(data: Any, seed: int) -> torch.Tensor:
+    """All real digits (train + val) in ``[0, 1]``, ``(N, 1, H, W)`` (``data`` section, experiment seed)."""
     from bafm.data.digits import digits_options, load_digits_images
 
-    parts = [load_digits_images(split, **digits_options(cfg))[0] for split in ("train", "val")]
+    parts = [load_digits_images(split, **digits_options(data, seed))[0] for split in ("train", "val")]
     return (torch.cat(parts).float() + 1.0) / 2.0
 
 
-def cache_path(cfg: Any) -> Path:
-    """``<data.root>/<data.dataset>/reference_stats.npz``."""
-    return Path(cfg.data.root) / str(cfg.data.dataset) / CACHE_NAME
+def cache_path(data: Any) -> Path:
+    """``<data.root>/<data.dataset>/reference_stats.npz`` of a ``data`` config section."""
+    return Path(data.root) / str(data.dataset) / CACHE_NAME
 
 
-def _source_of(cfg: Any) -> str:
+def _source_of(evaluation: Any, data: Any) -> str:
     """Describes where the reference images come from (cache key together with the extractor)."""
-    return str(cfg.eval.reference_stats) if cfg.eval.reference_stats else f"digits:{cfg.data.root}/{cfg.data.dataset}"
+    return str(evaluation.reference_stats) if evaluation.reference_stats else f"digits:{data.root}/{data.dataset}"
 
 
-def check_reference_source(cfg: Any) -> None:
+def check_reference_source(evaluation: Any, data: Any) -> None:
     """Fail fast when the configured reference is missing (before any sampling).
+
+    Args:
+        evaluation: the ``eval`` config section (``reference_stats``, ``feature_extractor``).
+        data: the ``data`` config section (``source``).
 
     Raises:
         FileNotFoundError: ``eval.reference_stats`` set but absent, or empty with Inception
             features (ImageNet needs a reference batch).
     """
-    ref = str(cfg.eval.reference_stats)
+    ref = str(evaluation.reference_stats)
     if ref:
         if not Path(ref).exists():
             raise FileNotFoundError(
                 f"eval.reference_stats: '{ref}' not found. Expected an .npz with 'mu'/'sigma' (e.g. ADM's "
                 "VIRTUAL_imagenet256_labeled.npz), an .npz with 'arr_0' images, or a folder of images."
             )
-    elif cfg.eval.feature_extractor != "classifier" or cfg.data.source != "digits":
+    elif evaluation.feature_extractor != "classifier" or data.source != "digits":
         raise FileNotFoundError(
             "eval.reference_stats is empty: set it to an .npz with 'mu'/'sigma' (e.g. ADM's "
             "VIRTUAL_imagenet256_labeled.npz), an .npz with 'arr_0' images, or a folder of real images."
         )
 
 
-def _image_batches(cfg: Any, batch_size: int) -> Iterable[torch.Tensor]:
-    """The reference images of ``cfg`` (digits, a folder or an ``arr_0`` ``.npz``) in batches."""
-    ref = str(cfg.eval.reference_stats)
+def _image_batches(evaluation: Any, data: Any, seed: int, batch_size: int) -> Iterable[torch.Tensor]:
+    """The reference images (digits, a folder or an ``arr_0`` ``.npz``) in batches."""
+    ref = str(evaluation.reference_stats)
     if not ref:
-        return digits_images01(cfg).split(batch_size)
+        return digits_images01(data, seed).split(batch_size)
     if Path(ref).is_dir():
         return iter_folder_images(ref, batch_size)
     return iter_npz_images(ref, batch_size)
 
 
 def _cached_or_computed(
-    cfg: Any, extractor: FeatureExtractor, device: torch.device | str, batch_size: int, prc_size: int
+    evaluation: Any, data: Any, seed: int, extractor: FeatureExtractor, device: torch.device | str, batch_size: int,
+    prc_size: int,
 ) -> ReferenceStats:
-    """The reference computed from ``cfg``'s images, from the cache when it is still valid."""
-    cached, source = cache_path(cfg), _source_of(cfg)
+    """The reference computed from the configured images, from the cache when it is still valid."""
+    cached, source = cache_path(data), _source_of(evaluation, data)
     if cached.is_file():
         try:
             old, info = load_reference(cached)
@@ -314,21 +319,26 @@ def _cached_or_computed(
                      and (prc_size == 0 or (old.features is not None and info["prc_size"] == prc_size)))
             if valid:  # a file written before a key was needed is recomputed
                 return old if prc_size > 0 else ReferenceStats(pool=old.pool, spatial=old.spatial)
-    fresh = compute_reference(_image_batches(cfg, batch_size), extractor, device, prc_size=prc_size)
+    fresh = compute_reference(_image_batches(evaluation, data, seed, batch_size), extractor, device,
+                              prc_size=prc_size)
     save_stats(cached, fresh, extractor=extractor.name, source=source, prc_size=prc_size)
     return fresh
 
 
 def resolve_reference_stats(
-    cfg: Any, extractor: FeatureExtractor, device: torch.device | str = "cpu", batch_size: int = 256
+    evaluation: Any, data: Any, extractor: FeatureExtractor, device: torch.device | str = "cpu",
+    batch_size: int = 256, *, seed: int = 0,
 ) -> ReferenceStats:
-    """Reference statistics and features for ``cfg`` in ``extractor``'s feature space (see the module docstring).
+    """Reference statistics and features in ``extractor``'s feature space (see the module docstring).
 
     Args:
-        cfg: experiment config (``eval.reference_stats``, ``eval.prc_reference_size``, ``data.*``).
+        evaluation: the ``eval`` config section (``reference_stats``, ``prc_reference_size``,
+            ``feature_extractor``).
+        data: the ``data`` config section (the digits and the cache folder).
         extractor: the sweep's feature extractor.
         device: where to compute features when needed.
         batch_size: feature-extraction batch size.
+        seed: the experiment's seed (it fixes the digits' train/val split).
 
     Returns:
         The reference: ``spatial`` only for extractors with spatial features, ``features`` None
@@ -339,9 +349,9 @@ def resolve_reference_stats(
         ReferenceStatsError: statistics in another feature space than ``extractor``'s, or a negative
             ``eval.prc_reference_size``.
     """
-    check_reference_source(cfg)
-    ref = str(cfg.eval.reference_stats)
-    prc_size = int(cfg.eval.prc_reference_size)
+    check_reference_source(evaluation, data)
+    ref = str(evaluation.reference_stats)
+    prc_size = int(evaluation.prc_reference_size)
     if prc_size < 0:
         raise ReferenceStatsError(f"eval.prc_reference_size is {prc_size}, expected 0 (off) or a positive number of images.")
     if ref and Path(ref).is_file() and npz_has_stats(ref):
@@ -352,14 +362,14 @@ def resolve_reference_stats(
         features = given.features if prc_size > 0 else None
         if prc_size > 0 and features is None:
             if npz_has_images(ref):
-                features = _cached_or_computed(cfg, extractor, device, batch_size, prc_size).features
+                features = _cached_or_computed(evaluation, data, seed, extractor, device, batch_size, prc_size).features
             else:
                 warnings.warn(f"eval.reference_stats '{ref}' has neither 'prc_features' nor 'arr_0' images: "
                               "precision and recall are left blank.", stacklevel=2)
         reference = ReferenceStats(pool=given.pool, spatial=given.spatial if extractor.spatial_dim else None,
                                    features=features)
     else:
-        reference = _cached_or_computed(cfg, extractor, device, batch_size, prc_size)
+        reference = _cached_or_computed(evaluation, data, seed, extractor, device, batch_size, prc_size)
     if reference.dim != extractor.feature_dim:
         raise ReferenceStatsError(
             f"reference statistics have dimension {reference.dim}, the '{extractor.name}' features "

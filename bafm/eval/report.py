@@ -1,4 +1,5 @@
-"""Sweep outputs: CSV, Markdown, FID-vs-NFE plot, image grids, ADM ``.npz`` samples, TensorBoard.
+"""Sweep outputs: CSV, Markdown, metric-vs-NFE and error-vs-FLOPs plots, image grids, ADM ``.npz``
+samples, TensorBoard.
 
 Every file is written to a temporary name in its folder and renamed into place, so a reader
 never sees half a file.
@@ -47,9 +48,9 @@ def read_csv(path: str | Path) -> List[Dict[str, Any]]:
     return out
 
 
-METRIC_COLUMNS = ("fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse", "seconds")
-SWEEP_SPECS = {"fid": ".3f", "fd_ref": ".4g", "sfid": ".3f", "is": ".3f", "precision": ".3f", "recall": ".3f", "traj_rmse": ".4g",
-               "seconds": ".4g"}
+METRIC_COLUMNS = ("flops", "fid", "fd_ref", "sfid", "is", "precision", "recall", "traj_rmse", "seconds")
+SWEEP_SPECS = {"flops": ".4g", "fid": ".3f", "fd_ref": ".4g", "sfid": ".3f", "is": ".3f", "precision": ".3f",
+               "recall": ".3f", "traj_rmse": ".4g", "seconds": ".4g"}
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS,
@@ -63,11 +64,17 @@ def plot_fid_vs_nfe(rows: Sequence[Row], path: str | Path, title: str = "") -> P
     return plot_metric_vs_nfe(rows, path, "fid", "FID", title)
 
 
-def plot_metric_vs_nfe(rows: Sequence[Row], path: str | Path, metric: str, label: str, title: str = "") -> Path:
-    """A metric against NFE on log-log axes, one curve per solver.
+# The x axes of the plots: row key -> axis label.
+X_AXES = {"nfe": "NFE (backbone calls)", "flops": "FLOPs per sample (in backbone calls)"}
+
+
+def plot_metric_vs_nfe(rows: Sequence[Row], path: str | Path, metric: str, label: str, title: str = "",
+                       x: str = "nfe") -> Path:
+    """A metric against NFE (or another cost column) on log-log axes, one curve per solver.
 
     The reference solver is drawn as a dashed line and a star (when its value is positive:
-    its trajectory error against itself is 0 and is left out).
+    its trajectory error against itself is 0 and is left out). Rows whose cost or metric is
+    missing or not positive are left out.
 
     Args:
         rows: sweep rows.
@@ -75,6 +82,7 @@ def plot_metric_vs_nfe(rows: Sequence[Row], path: str | Path, metric: str, label
         metric: row key, e.g. ``"fid"`` or ``"traj_rmse"``.
         label: y-axis label.
         title: figure title.
+        x: the cost on the x axis, a key of ``X_AXES``: ``"nfe"`` or ``"flops"``.
 
     Returns:
         ``path``.
@@ -86,23 +94,27 @@ def plot_metric_vs_nfe(rows: Sequence[Row], path: str | Path, metric: str, label
     import matplotlib.ticker  # noqa: F401  (used as matplotlib.ticker)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    by_solver: Dict[str, List[Tuple[int, float]]] = {}
+    by_solver: Dict[str, List[Tuple[float, float]]] = {}
     for row in rows:
-        by_solver.setdefault(row["solver"], []).append((int(row["nfe"]), float(row[metric])))
+        cost, value = row.get(x), row.get(metric)
+        cost, value = (math.nan if cost is None else float(cost)), (math.nan if value is None else float(value))
+        by_solver.setdefault(row["solver"], []).append((cost, value))
     for solver, pts in by_solver.items():
-        pts = sorted(p for p in pts if not math.isnan(p[1]) and p[1] > 0)
+        pts = sorted(p for p in pts if p[0] > 0 and p[1] > 0)  # NaN compares False: left out
         if not pts:
             continue
         if solver == REFERENCE:
-            nfe, value = pts[0]
-            ax.axhline(value, color="black", linestyle="--", linewidth=1.0, label=f"reference ({nfe} NFE)")
-            ax.plot([nfe], [value], marker="*", color="black", markersize=10, linestyle="none")
+            cost, value = pts[0]
+            unit = "NFE" if x == "nfe" else "backbone calls"
+            ax.axhline(value, color="black", linestyle="--", linewidth=1.0, label=f"reference ({cost:.4g} {unit})")
+            ax.plot([cost], [value], marker="*", color="black", markersize=10, linestyle="none")
         else:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=solver)
     ax.set_xscale("log")
     ax.set_yscale("log")  # values span decades (a diverging low-NFE solver next to converged ones)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
-    ax.set_xlabel("NFE (backbone calls)")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 6, 20 rather than 6x10^0
+    ax.set_xlabel(X_AXES[x])
     ax.set_ylabel(label)
     if title:
         ax.set_title(title)
@@ -163,7 +175,8 @@ class NpzSampleWriter:
 # What a reader compares first: the solver's error in distribution and per sample, then FID.
 DASHBOARD_METRICS = (("fd_ref", "FD to the reference samples"), ("traj_rmse", "trajectory RMSE"),
                      ("fid", "FID"), ("sfid", "sFID"), ("is", "Inception score"), ("precision", "precision"),
-                     ("recall", "recall"), ("seconds", "seconds per image"))
+                     ("recall", "recall"), ("seconds", "seconds per image"),
+                     ("flops", "FLOPs per sample (backbone calls)"))
 
 
 def sweep_layout(rows: Sequence[Row], prefix: str = "nfe_sweep") -> Dict[str, Any]:
@@ -205,7 +218,7 @@ def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, 
 
 def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title: str = "") -> Dict[str, Path]:
     """``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``fd_ref_vs_nfe.png``,
-    ``traj_rmse_vs_nfe.png``, ``grids/*.png`` in ``out_dir``.
+    ``traj_rmse_vs_nfe.png``, ``traj_rmse_vs_flops.png``, ``grids/*.png`` in ``out_dir``.
 
     Args:
         rows: sweep rows.
@@ -230,6 +243,10 @@ def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title:
                                           title=titled("FD to the reference (same noises)")),
         "plot_traj": plot_metric_vs_nfe(rows, out / "traj_rmse_vs_nfe.png", "traj_rmse",
                                         "trajectory RMSE vs. reference", title=titled("trajectory RMSE")),
+        "plot_traj_flops": plot_metric_vs_nfe(rows, out / "traj_rmse_vs_flops.png", "traj_rmse",
+                                              "trajectory RMSE vs. reference", x="flops",
+                                              title=f"{title}: trajectory RMSE vs FLOPs" if title
+                                              else "trajectory RMSE vs FLOPs"),
     }
     save_grids(grids, out / "grids")
     paths["grids"] = out / "grids"

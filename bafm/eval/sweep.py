@@ -1,8 +1,8 @@
 """``bafm eval-nfe-sweep``: FID / IS / trajectory error / time per solver and NFE budget.
 
 A thin layer over ``bafm.eval.engine``: check every input, load the models, run the sweep,
-write ``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``grids/``, TensorBoard scalars
-(``tensorboard/``) and optionally ADM-style ``samples/*.npz`` to ``--out`` (default
+write ``results.csv``, ``results.md``, the ``*_vs_nfe.png`` and ``*_vs_flops.png`` plots,
+``grids/``, TensorBoard scalars (``tensorboard/``) and optionally ADM-style ``samples/*.npz`` to ``--out`` (default
 ``eval.out_dir`` or ``runs/<experiment>/nfe_sweep``), then print the Markdown table.
 Runs on one device or under ``torchrun`` (samples split across processes, rank 0 writes).
 
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from bafm.config import ExperimentConfig, run_dir, to_container
+from bafm.config import ExperimentConfig, run_dir, sidenet_path, to_container
 from bafm.data.vae import LatentShapeError, check_latent_shape
 from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepResult
@@ -34,7 +34,7 @@ from bafm.eval.report import NpzSampleWriter, log_tensorboard, markdown_table, w
 from bafm.experiment import describe_sidenet, load_models
 from bafm.errors import Interrupted
 from bafm.io import OutputFolderError, atomic_write_text, check_output_folder, replace_folder, staging_folder
-from bafm.sampling import REFERENCE, describe_reference, latent_shape
+from bafm.sampling import REFERENCE, latent_shape
 
 
 def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
@@ -45,7 +45,8 @@ def output_dir(cfg: ExperimentConfig, out: Optional[str] = None) -> Path:
 
 
 # What a sweep writes at the top of its folder; a folder holding anything else is not replaced.
-SWEEP_OUTPUTS = ("results.csv", "results.md", "config.yaml", "*_vs_nfe.png", "grids", "tensorboard", "samples")
+SWEEP_OUTPUTS = ("results.csv", "results.md", "config.yaml", "*_vs_nfe.png", "*_vs_flops.png", "grids", "tensorboard",
+                 "samples")
 
 
 def check_sweep_folder(folder: Path) -> None:
@@ -102,9 +103,9 @@ def sweep(
     staging: Optional[Path] = None
     try:
         rank, _ = world_info()
-        backbone, sidenet = load_models(cfg, solvers, device)
+        backbone, sidenet = load_models(cfg.backbone, cfg.sidenet, sidenet_path(cfg), solvers, device)
         try:  # before the engine computes reference statistics for the experiment's data
-            check_latent_shape(cfg, latent_shape(backbone))
+            check_latent_shape(cfg.data, latent_shape(backbone), cfg.backbone.path)
         except LatentShapeError as err:
             raise SweepInputError(str(err)) from None
         engine = build_sweep_engine(cfg, device=device)
@@ -125,9 +126,7 @@ def sweep(
                 print(markdown_table(result.rows), end="")
                 ref = [row for row in result.rows if row["solver"] == REFERENCE]
                 if ref:  # which ground truth traj_rmse is measured against, and what it cost
-                    print("reference: " + describe_reference(ec.reference_solver, int(ec.reference_steps),
-                                                             float(ec.reference_rtol), float(ec.reference_atol),
-                                                             float(ref[0]["nfe"])))
+                    print("reference: " + engine.settings.reference.describe(float(ref[0]["nfe"])))
                 print(f"results: {dest}")
     except KeyboardInterrupt:
         kept = "the previous sweep there is left as it was" if dest.is_dir() else "it was not created"

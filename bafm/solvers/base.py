@@ -8,6 +8,7 @@ noise and knows nothing of models, labels or guidance; those live in the ``veloc
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -50,7 +51,34 @@ class SolveResult:
         return float(self.nfe_per_sample.double().mean())
 
 
-# name -> solver; each solver also carries ``order``, ``nfe_per_step``, ``uses_side_fn``.
+@dataclass(frozen=True)
+class SolverFacts:
+    """What the rest of the package may ask about a registered solver, declared beside it.
+
+    Attributes:
+        name: registry key.
+        order: global order of accuracy (SideNet solvers: with an exact SideNet).
+        nfe_per_step: backbone calls per grid interval; None for an adaptive solver, whose calls
+            are counted during the solve and which takes tolerances instead of an NFE budget.
+        uses_side_fn: whether the solver takes (and requires) ``side_fn=``, i.e. a SideNet.
+        reference: the name under which the solver can serve as the ground truth
+            (``eval.reference_solver``), or None.
+    """
+
+    name: str
+    order: Optional[int]
+    nfe_per_step: Optional[int]
+    uses_side_fn: bool = False
+    reference: Optional[str] = None
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the solver picks its own steps (no NFE budget, only the grid's endpoints matter)."""
+        return self.nfe_per_step is None
+
+
+# name -> solver; each solver also carries ``facts`` (a ``SolverFacts``), and, as plain attributes,
+# ``order``, ``nfe_per_step``, ``uses_side_fn`` and ``extra_nfe``.
 SOLVERS: Dict[str, Solver] = {}
 
 
@@ -60,26 +88,30 @@ def register(
     order: Optional[int],
     nfe_per_step: Optional[int],
     uses_side_fn: bool = False,
+    reference: Optional[str] = None,
     extra_nfe: Optional[Callable[[Dict[str, Any]], int]] = None,
 ) -> Callable[[Solver], Solver]:
-    """Add a solver to ``SOLVERS`` and declare its properties beside it.
+    """Add a solver to ``SOLVERS`` and declare its facts beside it.
 
     Args:
         name: registry key (``"euler"``, ``"dpm++2m"``, ...).
         order: global order of accuracy (for SideNet solvers: with an exact SideNet).
         nfe_per_step: backbone calls per grid interval, or None for adaptive solvers.
         uses_side_fn: whether the solver takes (and requires) ``side_fn=``.
+        reference: the ``eval.reference_solver`` name under which it can be the ground truth.
         extra_nfe: backbone calls beyond ``nfe_per_step * steps`` for the given options
             (e.g. a Heun start of a multistep method).
 
     Returns:
-        A decorator that sets ``solver_name``, ``order``, ``nfe_per_step``, ``uses_side_fn``
-        and ``extra_nfe`` on the function and registers it.
+        A decorator that sets ``facts``, ``solver_name``, ``order``, ``nfe_per_step``,
+        ``uses_side_fn`` and ``extra_nfe`` on the function and registers it.
     """
 
     def decorate(fn: Solver) -> Solver:
         if name in SOLVERS:
             raise ValueError(f"solver '{name}' is registered twice")
+        facts = SolverFacts(name, order, nfe_per_step, uses_side_fn, reference)
+        fn.facts = facts  # type: ignore[attr-defined]
         fn.solver_name = name  # type: ignore[attr-defined]
         fn.order = order  # type: ignore[attr-defined]
         fn.nfe_per_step = nfe_per_step  # type: ignore[attr-defined]
@@ -89,6 +121,40 @@ def register(
         return fn
 
     return decorate
+
+
+def solver_facts(name: str) -> SolverFacts:
+    """The declared facts of a registered solver.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid names.
+    """
+    if name not in SOLVERS:
+        close = difflib.get_close_matches(str(name), list(SOLVERS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown solver '{name}'.{hint} Valid solvers: {', '.join(SOLVERS)}.")
+    return SOLVERS[name].facts  # type: ignore[attr-defined]
+
+
+def is_adaptive(name: str) -> bool:
+    """Whether a registered solver picks its own steps (``reference``, ``ba-adaptive``): no NFE budget."""
+    return solver_facts(name).adaptive
+
+
+def uses_side_fn(name: str) -> bool:
+    """Whether a registered solver needs a SideNet (``ba``, ``ba-single``, ``ba-adaptive``)."""
+    return solver_facts(name).uses_side_fn
+
+
+def fixed_grid_solvers() -> List[str]:
+    """Registered solvers that spend a fixed NFE per grid interval, in registry order."""
+    return [name for name in SOLVERS if not is_adaptive(name)]
+
+
+def reference_solvers() -> Dict[str, str]:
+    """``eval.reference_solver`` choice -> registry name of the solvers that can be the ground truth."""
+    facts = [solver_facts(name) for name in SOLVERS]
+    return {f.reference: f.name for f in facts if f.reference}
 
 
 def check_state(x: Any, solver: str) -> None:

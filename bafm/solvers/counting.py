@@ -1,7 +1,8 @@
-"""Call counting (NFE, SideNet calls) and batched SideNet probes.
+"""Call counting (NFE, SideNet calls), row counting (work, for FLOPs) and batched SideNet probes.
 
 NFE is never derived from a formula: every solver wraps its callables in ``CallCounter`` and
-reports what the counter saw.
+reports what the counter saw. Likewise the work of a solve: ``NetworkRows`` counts the rows that
+pass through each network.
 """
 
 from __future__ import annotations
@@ -10,28 +11,6 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
-
-
-def stack_rows(k: int, *tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
-    """``k`` copies of each batch-first tensor stacked along dim 0 (None stays None).
-
-    How one SideNet call serves ``k`` offsets from the same anchor: row ``j * B + i`` is sample
-    ``i`` for offset ``j``, so the result splits back with ``out.split(B)``.
-    """
-    return [None if x is None else (x if k == 1 else torch.cat([x] * k)) for x in tensors]
-
-
-def select_rows(side_fn: Any, keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample choice between two velocities: ``a`` where ``keep`` (``(B,)`` bool), else ``b``.
-
-    A SideNet closure that keeps what each backbone call left for it (the guided raw pair, the
-    backbone's features) selects those rows too, through its ``select`` method; a plain closure
-    needs only the velocities.
-    """
-    own = getattr(getattr(side_fn, "fn", side_fn), "select", None)
-    if own is not None:
-        return own(keep, a, b)
-    return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)
 
 
 def stack_rows(k: int, *tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
@@ -116,3 +95,39 @@ class CallCounter:
         """One batched SideNet call at several offsets; see the module function ``probe``."""
         self.calls += 1
         return probe(self.fn, x, v, t, offsets)
+
+
+class NetworkRows:
+    """Rows that passed through the backbone and through the SideNet: the work of solves.
+
+    ``CallCounter`` counts calls (NFE: a guided call on the doubled batch is one); this counts
+    rows, so a guided call on ``2 B`` rows is ``2 B``, and a SideNet probe at three offsets on
+    ``B`` samples is ``3 B``. Wrap the networks' entry points with ``backbone_fn`` /
+    ``sidenet_fn`` (their first argument is the batch-first state) and read the totals.
+
+    Attributes:
+        backbone: backbone rows so far.
+        sidenet: SideNet rows so far.
+    """
+
+    def __init__(self) -> None:
+        self.backbone = 0
+        self.sidenet = 0
+
+    def backbone_fn(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` that adds its first argument's rows to ``backbone``."""
+
+        def counted(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.backbone += int(x.shape[0])
+            return fn(x, *args, **kwargs)
+
+        return counted
+
+    def sidenet_fn(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` that adds its first argument's rows to ``sidenet``."""
+
+        def counted(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.sidenet += int(x.shape[0])
+            return fn(x, *args, **kwargs)
+
+        return counted

@@ -1,21 +1,27 @@
-"""Time grids (schedules) and the step <-> NFE budget arithmetic of each solver.
+"""Time grids (schedules), the grid of one solve, and the step <-> NFE budget arithmetic of each solver.
 
 Grids run from ``t = 1`` (noise) to ``t = 0`` (data), ``steps + 1`` points; ``grid.flip(0)``
 gives the increasing grid of an inversion. Values are computed in float64 and then cast, so
 every point is the correctly rounded value in the requested dtype and the endpoints are exact.
+Whether a solver has a budget at all (adaptive solvers do not) is the registry's fact
+(``bafm.solvers.is_adaptive``), asked here and nowhere else by the grid builders.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from bafm.solvers import get_solver
+from bafm.solvers.base import SOLVERS, is_adaptive, solver_facts
 
+# sampling.grid choices: built here ("uniform", "shift", and the SD3 / Flux pipelines' own "sd3",
+# "flux") or searched and stored per solver and NFE ("optimized").
 GRID_KINDS = ("uniform", "shift", "optimized", "sd3", "flux")
+# A named grid kind or an explicit 1-D grid.
+GridSpec = Union[str, Tensor]
 # Training timesteps of diffusers' FlowMatchEulerDiscreteScheduler (SD3, Flux): the pipelines'
 # sigma schedules are defined on them.
 PIPELINE_TRAIN_TIMESTEPS = 1000
@@ -205,12 +211,12 @@ def make_grid(
 
 def _budget(solver_name: str, **options: Any) -> tuple[int, int]:
     """``(per_step, extra)`` such that ``nfe = per_step * steps + extra``."""
-    solver = get_solver(solver_name)
-    if solver.nfe_per_step is None:
+    facts = solver_facts(solver_name)
+    if facts.adaptive:
         raise ValueError(
             f"solver '{solver_name}' is adaptive: its NFE is counted during the solve, not fixed by the steps"
         )
-    return solver.nfe_per_step, solver.extra_nfe(options)
+    return int(facts.nfe_per_step), SOLVERS[solver_name].extra_nfe(options)  # type: ignore[attr-defined]
 
 
 def nfe_for_steps(solver_name: str, steps: int, **options: Any) -> int:
@@ -257,3 +263,110 @@ def steps_for_nfe(solver_name: str, nfe: int, **options: Any) -> int:
         f"solver '{solver_name}' cannot spend exactly {nfe} NFE ({per_step} per step"
         f"{f' + {extra}' if extra else ''}); nearest: {' or '.join(map(str, nearest))}"
     )
+
+
+def steps_for_budget(solver: str, nfe: Optional[int]) -> int:
+    """Grid intervals that spend exactly ``nfe`` backbone calls in one direction.
+
+    Args:
+        solver: registry name.
+        nfe: NFE budget; must be None for an adaptive solver (its calls are counted, not set).
+
+    Returns:
+        The number of steps (1 for an adaptive solver, which only uses the endpoints).
+
+    Raises:
+        ValueError: unknown solver, budget given to an adaptive solver, missing or infeasible
+            budget (naming the nearest feasible ones).
+    """
+    if is_adaptive(solver):
+        if nfe is not None:
+            raise ValueError(f"solver '{solver}' is adaptive: it takes no NFE budget (got {nfe}); pass nfe=None")
+        return 1
+    if nfe is None:
+        raise ValueError(f"solver '{solver}' needs an NFE budget (nfe=...)")
+    return steps_for_nfe(solver, nfe)
+
+
+def time_grid(
+    solver: str,
+    steps: int,
+    grid: str = "uniform",
+    *,
+    shift: float = 1.0,
+    increasing: bool = False,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device | str] = None,
+    mu: Optional[float] = None,
+) -> Tensor:
+    """The time grid of a solve with ``steps`` intervals; ``[1, 0]`` for adaptive solvers.
+
+    Args:
+        solver: solver name.
+        steps: grid intervals (ignored by adaptive solvers: ``reference``, ``ba-adaptive``).
+        grid: grid kind (``GRID_KINDS`` but ``"optimized"``).
+        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
+        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
+        dtype: grid dtype; the solver rounds it to the state's dtype.
+        device: grid device.
+        mu: log shift of ``"flux"`` grids.
+
+    Returns:
+        Strictly monotone 1-D grid between 1 and 0; inversion and generation with the same
+        arguments visit the same times, in opposite orders.
+    """
+    if is_adaptive(solver):
+        t_grid = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
+    else:
+        t_grid = make_grid(str(grid), int(steps), shift=float(shift), dtype=dtype, device=device, mu=mu)
+    return t_grid.flip(0) if increasing else t_grid
+
+
+def solve_grid(
+    solver: str,
+    nfe: Optional[int],
+    grid: GridSpec = "uniform",
+    *,
+    shift: float = 1.0,
+    increasing: bool,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device | str] = None,
+    mu: Optional[float] = None,
+) -> Tensor:
+    """The time grid of one solve that spends an NFE budget.
+
+    Args:
+        solver: registry name.
+        nfe: NFE budget (None for an adaptive solver, or to take the steps from an explicit grid).
+        grid: ``"uniform"`` / ``"shift"`` (built with ``steps_for_budget(solver, nfe)`` steps), or an
+            explicit strictly monotone grid between 0 and 1 in either orientation.
+        shift: time shift of ``"shift"`` and ``"sd3"`` grids.
+        increasing: True for an inversion grid ``0 -> 1``, False for a generation grid ``1 -> 0``.
+        dtype: dtype of a named grid (an explicit one keeps its own).
+        device: device of the grid.
+        mu: log shift of ``"flux"`` grids.
+
+    Returns:
+        1-D grid from 0 to 1 (``increasing``) or from 1 to 0.
+
+    Raises:
+        ValueError: unknown grid kind, a budget that the explicit grid does not spend, bad budget.
+    """
+    if isinstance(grid, str):
+        t_grid = make_grid(grid, steps_for_budget(solver, nfe), shift=shift, dtype=dtype, device=device, mu=mu)
+    else:
+        t_grid = torch.as_tensor(grid, device=device)
+        if t_grid.dim() != 1 or t_grid.numel() < 2:
+            raise ValueError(f"grid must be a 1-D tensor with at least 2 points, got shape {tuple(t_grid.shape)}")
+        if t_grid[0] < t_grid[-1]:
+            t_grid = t_grid.flip(0)  # store decreasing; flipped back below for inversions
+        if nfe is not None and not is_adaptive(solver):
+            spent = nfe_for_steps(solver, t_grid.numel() - 1)
+            if spent != nfe:
+                raise ValueError(
+                    f"solver '{solver}' spends {spent} NFE on the given {t_grid.numel() - 1}-step grid, not {nfe}"
+                )
+    if not (float(t_grid[0]) == 1.0 and float(t_grid[-1]) == 0.0):
+        ends = (float(t_grid[-1]), float(t_grid[0]))
+        raise ValueError(f"grid must run between t = 0 and t = 1, got endpoints {ends}")
+    return t_grid.flip(0) if increasing else t_grid

@@ -2,6 +2,11 @@
 
 All spend one NFE per step and keep their history (previous velocity / data prediction) in
 local variables.
+
+Every solver here takes the shared arguments, documented once: ``velocity_fn(x, t) -> v`` with
+``x`` ``(B, ...)`` and ``t`` ``(B,)``; ``x``, the initial state ``(B, ...)`` at ``t_grid[0]``;
+``t_grid``, a strictly monotone 1-D grid in ``[0, 1]``. Each returns a ``SolveResult`` with the
+state at ``t_grid[-1]``.
 """
 
 from __future__ import annotations
@@ -90,13 +95,7 @@ def dpmpp_2m(velocity_fn: VelocityFn, x: Tensor, t_grid: GridLike) -> SolveResul
     increasing (inversion) grid is handled the same way: the step from ``t = 0`` is the Euler step
     ``x + s v`` and the step that ends at ``t = 1`` is first order. Global order stays 2.
 
-    Args:
-        velocity_fn: ``velocity_fn(x, t) -> v``, ``x`` ``(B, ...)``, ``t`` ``(B,)``.
-        x: initial state ``(B, ...)`` at ``t_grid[0]``.
-        t_grid: strictly monotone 1-D grid in ``[0, 1]``.
-
-    Returns:
-        SolveResult with the state at ``t_grid[-1]``.
+    Args and returns: the shared signature (module docstring).
     """
     ts = check_grid(t_grid, x, "dpm++2m")
     lambdas = [log_snr(t) for t in ts]

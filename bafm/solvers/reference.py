@@ -16,7 +16,7 @@ DEFAULT_TOL_FLOAT64 = 1e-7
 DEFAULT_TOL_OTHER = 1e-5
 
 
-@register("reference", order=5, nfe_per_step=None)
+@register("reference", order=5, nfe_per_step=None, reference="dopri5")
 def reference(
     velocity_fn: VelocityFn,
     x: Tensor,

@@ -30,7 +30,7 @@ GL3_NODES, GL3_WEIGHTS = gauss_legendre(3)
 
 @dataclass(frozen=True)
 class ChainLossConfig:
-    """Knobs of the chain rollout (mirrors ``bafm.config.LossConfig``)."""
+    """Knobs of the chain rollout (mirrors ``bafm.schema.LossConfig``)."""
 
     links: int = 8
     offset_rate: float = 50.0

@@ -103,7 +103,7 @@ def train_backbone(cfg: ExperimentConfig) -> Dict[str, Any]:
     """
     bt = cfg.backbone_train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    images, labels = load_digits_images("train", **digits_options(cfg))  # (N, 1, S, S) in [-1, 1]
+    images, labels = load_digits_images("train", **digits_options(cfg.data, cfg.seed))  # (N, 1, S, S) in [-1, 1]
     if bt.batch_size > images.shape[0]:  # drop_last would leave no batch at all
         raise ConfigError(f"'backbone_train.batch_size' is {bt.batch_size}, more than the {images.shape[0]} "
                           f"training digits; use at most {images.shape[0]}.")

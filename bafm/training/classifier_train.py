@@ -128,8 +128,8 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_train, y_train = load_digits_images("train", **digits_options(cfg))
-    x_val, y_val = load_digits_images("val", **digits_options(cfg))
+    x_train, y_train = load_digits_images("train", **digits_options(cfg.data, cfg.seed))
+    x_val, y_val = load_digits_images("val", **digits_options(cfg.data, cfg.seed))
     x_train, y_train = x_train.float().to(device), y_train.long().to(device)
     x_val, y_val = x_val.float().to(device), y_val.long().to(device)
     num_classes = int(max(int(y_train.max()), int(y_val.max())) + 1)

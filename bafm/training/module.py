@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bafm.models.anchor_features import anchor_for, uses_backbone_features
+from bafm.models.anchor_features import anchor_for, plain_anchor, uses_backbone_features
 from bafm.models.layers import count_parameters, drop_labels
 from bafm.models.text_condition import Condition, TextCondition, condition_to, drop_conditions
 from bafm.sampling import latent_shape
 from bafm.training.ba_loss import ChainLossConfig, chain_loss
+from bafm.training.grid_loss import grid_chain_loss
 from bafm.training.side_error import ProbeSet, build_probe_set, side_relative_error, summarize
 
 BACKBONE_PREFIX = "backbone."
@@ -43,6 +44,9 @@ class SideNetModule(L.LightningModule):
         seed: run seed; each step's randomness is derived from (seed, step, rank).
         side_error_samples: held-out noises for ``val/side_rel_err`` (0: not measured).
         side_error_budgets: NFE budgets whose uniform grids' SideNet offsets it measures.
+        grid_from_step: from this step on, the grid-aware loss (``bafm.training.grid_loss``)
+            replaces the chain loss; None: never.
+        grid_budgets: the uniform grids' step counts the grid-aware loss trains for.
         hparams: the experiment config as a plain dict, logged and stored with checkpoints.
         null_condition: text-to-image only: the unconditional encoding (batch 1, the empty
             prompt's); batches then carry ``prompt_embeds`` / ``pooled`` and dropout swaps it in.
@@ -64,6 +68,8 @@ class SideNetModule(L.LightningModule):
         seed: int = 0,
         side_error_samples: int = 0,
         side_error_budgets: Sequence[int] = (5, 10),
+        grid_from_step: Optional[int] = None,
+        grid_budgets: Sequence[int] = (3, 4, 5, 6, 8, 10),
         hparams: Optional[Dict[str, Any]] = None,
         null_condition: Optional[TextCondition] = None,
     ) -> None:
@@ -86,6 +92,8 @@ class SideNetModule(L.LightningModule):
         self.null_condition = null_condition  # not a buffer: checkpoints hold the SideNet only
         self.side_error_samples = int(side_error_samples)
         self.side_error_budgets = tuple(int(b) for b in side_error_budgets)
+        self.grid_from_step = grid_from_step
+        self.grid_budgets = tuple(int(b) for b in grid_budgets)
         self._probes: Optional[ProbeSet] = None  # exact-ODE anchors, built at the first validation
         self.save_hyperparameters(hparams or {})
         # Read by ThroughputMonitor; FLOPs are not counted, it logs batches and images per second.
@@ -125,8 +133,13 @@ class SideNetModule(L.LightningModule):
         x0 = batch["latent"]
         generator = self._generator()
         y = self._dropped_condition(batch, x0, generator)
-        loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator,
-                                 anchor=self.anchor)
+        if self.grid_from_step is not None and self.global_step >= self.grid_from_step:
+            anchor = self.anchor or plain_anchor(self.backbone.velocity)
+            loss, stats = grid_chain_loss(anchor, self.sidenet.velocity, x0, y, self.grid_budgets, self.loss_cfg.links,
+                                          generator)
+        else:
+            loss, stats = chain_loss(self.backbone.velocity, self.sidenet.velocity, x0, y, self.loss_cfg, generator,
+                                     anchor=self.anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite SideNet loss ({loss.item()}) at step {self.global_step}; training stopped. "

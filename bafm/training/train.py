@@ -85,6 +85,32 @@ def build_sidenet(cfg: ExperimentConfig, in_channels: int, num_classes: int, fea
     return sidenet.to(memory_format=torch.channels_last) if sc.channels_last else sidenet
 
 
+FEATURE_KEYS = ("feature_map.", "feature_emb.")
+
+
+def init_sidenet_from(sidenet: SideNet, path: Path) -> None:
+    """Copy an exported SideNet's weights into ``sidenet`` (``sidenet.init_from``).
+
+    Raises:
+        ValueError: the export's tensors do not fit (other sizes), or it lacks weights other
+            than the feature maps a feature-free export cannot have.
+    """
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"sidenet.init_from: no SideNet export at {path.resolve()}")
+    state = load_file(str(path))
+    own = sidenet.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(FEATURE_KEYS)]
+    unknown = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unknown or wrong:
+        raise ValueError(
+            f"sidenet.init_from={path}: its weights do not fit sidenet.* (missing {missing[:3]}, unexpected "
+            f"{unknown[:3]}, other shapes {wrong[:3]}); use the sizes it was trained with")
+    sidenet.load_state_dict(state, strict=False)
+
+
 def check_shapes(backbone: torch.nn.Module, data_shape: tuple, num_classes: int, what: str) -> None:
     """Fail before the first step if the backbone cannot take the data's latents.
 
@@ -151,7 +177,7 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
         check_fresh_run_folder(ckpt_dir, run_dir(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.source == "digits":
-        ensure_digits_shards(cfg)
+        ensure_digits_shards(cfg.data, cfg.seed)
     datamodule = LatentDataModule(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")  # shards there, batch size within the split
     if text:
@@ -168,6 +194,9 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
             raise
         except ValueError as err:  # shards of another pipeline or size: one line, nothing started
             raise LatentShapeError(str(err)) from err
+        if cfg.sidenet.init_from:
+            raise ConfigError("'sidenet.init_from' starts a class-conditional SideNet from an export; "
+                              "the text SideNet trains from scratch (leave it empty)")
         sidenet = build_text_sidenet(cfg, backbone)
     else:
         bc = cfg.backbone
@@ -177,6 +206,8 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
         check_shapes(backbone, datamodule.latent_shape, datamodule.num_classes, datamodule.describe())
         features = feature_width(backbone, cfg.sidenet.feature_layer) if cfg.sidenet.backbone_features else 0
         sidenet = build_sidenet(cfg, backbone.in_channels, backbone.num_classes, features)
+        if cfg.sidenet.init_from:
+            init_sidenet_from(sidenet, Path(cfg.sidenet.init_from))
     lc = cfg.loss
     module = SideNetModule(
         backbone, sidenet, num_classes=1 if text else backbone.num_classes, null_condition=null_condition,
@@ -185,6 +216,8 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
         betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
         # val/side_rel_err's exact-ODE probes are class-conditional; text runs log val/loss only.
         seed=cfg.seed, side_error_samples=0 if text else cfg.trainer.side_error_samples,
+        grid_from_step=cfg.trainer.max_steps - lc.grid_steps if lc.grid_steps > 0 else None,
+        grid_budgets=tuple(lc.grid_budgets),
         side_error_budgets=tuple(cfg.eval.callback_budgets), hparams=to_container(cfg),
     )
     if resume is not None:
@@ -204,8 +237,11 @@ def _train(cfg: ExperimentConfig, first: bool) -> int:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     # The in-training sweep is class-conditional; text-to-image runs are swept by `bafm eval-nfe-sweep`.
-    if NFESweepCallback.wanted(cfg) and not cfg.trainer.fast_dev_run and not text:
-        callbacks.append(NFESweepCallback(cfg))
+    if NFESweepCallback.wanted(cfg.eval, cfg.trainer.max_steps) and not cfg.trainer.fast_dev_run and not text:
+        from bafm.eval.inputs import build_sweep_engine
+
+        callbacks.append(NFESweepCallback(cfg.eval, lambda device: build_sweep_engine(cfg, device=device),
+                                          run_dir(cfg) / "train_sweeps"))
     trainer = build_trainer(cfg, callbacks)
     if cfg.trainer.max_steps == -1:
         print(f"trainer.max_steps=-1: training until stopped with Ctrl-C (checkpoints every "
