@@ -18,6 +18,7 @@ from torch import nn
 
 from bafm.eval.engine import evaluate_sweep
 from bafm.eval.features import FeatureExtractor
+from bafm.solvers.ground_truth import Reference
 from bafm.eval.plan import SweepSettings
 from bafm.eval.report import plot_metric_vs_nfe, read_csv, sweep_layout, write_reports
 from bafm.models.fast import optimize_for_inference
@@ -71,7 +72,7 @@ class Pixels(FeatureExtractor):
 
 def _rows(solvers, budgets, *, cfg_scale=1.0, interval=None, num_samples=4, batch_size=3, **settings):
     sampling = SamplingSettings(cfg_scale=cfg_scale, guidance_interval=interval)
-    st = SweepSettings(sampling=sampling, seed=0, batch_size=batch_size, reference_solver="rk4", reference_steps=3,
+    st = SweepSettings(sampling=sampling, seed=0, batch_size=batch_size, reference=Reference("rk4", steps=3),
                        reference_batch_size=2, grid_images=0, **settings)
     rows, _ = evaluate_sweep(LinearBackbone(), LowRankSideNet(), solvers=solvers, budgets=budgets,
                              num_samples=num_samples, settings=st, decoder=lambda x: x.clamp(0, 1),
