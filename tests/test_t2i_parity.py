@@ -182,3 +182,23 @@ def test_every_fixed_step_solver_converges_on_the_pipeline_grids(kind, options):
             assert result.nfe == nfe, name
             errors.append(float((result.x - x1 / torch.e).abs().max()))
         assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05, (name, errors)
+
+
+@pytest.mark.parametrize("loss", ["chain", "grid"])
+def test_training_losses_take_a_text_condition(loss):
+    from bafm.models.anchor_features import plain_anchor
+    from bafm.models.text_sidenet import TextSideNet
+    from bafm.training.ba_loss import ChainLossConfig, chain_loss
+    from bafm.training.grid_loss import grid_chain_loss
+
+    backbone = FlowTransformerBackbone(tiny_sd3_transformer(), "sd3")
+    torch.manual_seed(0)
+    sidenet = TextSideNet(in_channels=4, pooled_dim=64, channels=8, emb_dim=16, depth=1, num_heads=2, frequency_dim=16)
+    cond, _ = sd3_conditions(2)
+    x0, gen = _noise((2, 4, 8, 8)), torch.Generator().manual_seed(0)
+    if loss == "chain":
+        value, _ = chain_loss(backbone.velocity, sidenet.velocity, x0, cond, ChainLossConfig(links=2), gen)
+    else:
+        value, _ = grid_chain_loss(plain_anchor(backbone.velocity), sidenet.velocity, x0, cond, [3, 4], 2, gen)
+    value.backward()
+    assert torch.isfinite(value) and sidenet.output_conv.weight.grad.abs().sum() > 0

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bafm.models.anchor_features import AnchorFn
+from bafm.models.text_condition import Condition, repeat_condition
 from bafm.solvers.bi_anchor import LOBATTO_ALPHA
 from bafm.solvers.counting import stack_rows
 from bafm.training.ba_loss import SideVelocity, _per_sample, _side, gauss_legendre_step
@@ -30,7 +31,7 @@ def grid_chain_loss(
     anchor: AnchorFn,
     side_velocity: SideVelocity,
     x0: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     budgets: Sequence[int],
     links: int,
     generator: Optional[torch.Generator] = None,
@@ -42,7 +43,7 @@ def grid_chain_loss(
             SideNet reads them); called without gradient.
         side_velocity: trainable SideNet ``(x, v, t, h, y[, features]) -> v_hat at t - h``.
         x0: clean latents ``(B, C, H, W)``.
-        y: labels after label dropout ``(B,)``.
+        y: conditioning after dropout: labels ``(B,)`` or a ``TextCondition`` of batch ``B``.
         budgets: step counts ``N`` of the uniform grids, one drawn per sample.
         links: grid steps per chain (fewer when the chain reaches ``t = 0`` first).
         generator: random generator on ``x0``'s device.
@@ -69,7 +70,8 @@ def grid_chain_loss(
         offsets = [c * h for c in FORWARD_FRACTIONS]
         with torch.no_grad():
             # Where each forward probe should land: the GL transport with the SideNet's own estimates.
-            xs, vs, ts, ys, fs = stack_rows(3, x, v, t, y, features)
+            xs, vs, ts, fs = stack_rows(3, x, v, t, features)
+            ys = repeat_condition(y, 3)  # labels or a TextCondition alike
             landed = gauss_legendre_step(side_velocity, xs, vs, ts, torch.cat(offsets), ys, fs)
             targets, target_features = anchor(landed, ts - torch.cat(offsets), ys)
         pred = _side(side_velocity, xs, vs, ts, torch.cat(offsets), ys, fs)
