@@ -62,3 +62,18 @@ def test_sweep_layout_puts_every_solver_of_a_metric_on_one_chart(flow, ref_stats
     assert kind == "Multiline"
     tags = [f"nfe_sweep/fd_ref/{s}" for s in ("reference", "euler", "heun")] + ["nfe_sweep/fid/euler"]
     assert [t for t in tags if re.search(pattern, t)] == tags[:3]
+
+
+def test_one_tensorboard_run_per_solver_shares_each_metric_tag(flow, ref_stats, tmp_path):  # noqa: F811
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bafm.eval.report import log_solver_runs
+
+    rows, _ = _sweep(flow, None, ref_stats, solvers=["euler", "heun"], budgets={"euler": [2, 4], "heun": [4]})
+    runs = log_solver_runs(tmp_path, rows)
+    assert [r.name for r in runs] == ["reference", "euler", "heun"]
+    euler = EventAccumulator(str(tmp_path / "euler")).Reload()
+    points = euler.Scalars("nfe_sweep/fd_ref")
+    assert [e.step for e in points] == [2, 4]
+    assert [e.value for e in points] == pytest.approx([rows[1]["fd_ref"], rows[2]["fd_ref"]], rel=1e-6)
+    assert "nfe_sweep/fd_ref" in EventAccumulator(str(tmp_path / "heun")).Reload().Tags()["scalars"]

@@ -169,7 +169,12 @@ def test_feature_sidenet_trains_validates_and_lays_out_its_dashboard(tmp_path):
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["FD to the reference samples at 4 NFE"] == [r"^sweep/fd_ref/.*_nfe4$"]
-    assert "FID at 4 NFE" in charts
+    assert "FID at 4 NFE" in charts and "sFID at 4 NFE" not in charts  # the classifier has no spatial features
+    # One run per solver sharing each tag: a coloured line per solver on one chart.
+    for solver in ("ba", "euler"):
+        per_solver = EventAccumulator(str(run / "train" / "solvers" / solver)).Reload()
+        assert [e.step for e in per_solver.Scalars("sweep/fd_ref_nfe4")] == [4]
+        assert per_solver.Scalars("sweep/fd_ref_nfe4")[0].value == acc.Scalars(f"sweep/fd_ref/{solver}_nfe4")[0].value
 
 
 def test_grid_aware_fine_tuning_from_an_export(tmp_path):

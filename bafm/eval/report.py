@@ -216,6 +216,34 @@ def log_tensorboard(writer: Any, rows: Sequence[Row], grids: Mapping[Tuple[str, 
     writer.flush()
 
 
+def log_solver_runs(folder: str | Path, rows: Sequence[Row], prefix: str = "nfe_sweep") -> List[Path]:
+    """One TensorBoard run per solver, ``<folder>/<solver>/``, all with the tags ``<prefix>/<metric>``.
+
+    TensorBoard draws runs that share a tag on one chart, each in its own colour with its name
+    in the legend: in the "Time Series" and "Scalars" tabs every metric is then one chart against
+    NFE (step) with a line per solver.
+
+    Returns:
+        The run folders written.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    written = []
+    for solver in dict.fromkeys(row["solver"] for row in rows):
+        run = Path(folder) / _safe(solver)
+        writer = SummaryWriter(log_dir=str(run))
+        try:
+            for row in (r for r in rows if r["solver"] == solver):
+                for metric in METRIC_COLUMNS:
+                    value = row.get(metric)
+                    if value is not None and not math.isnan(float(value)):
+                        writer.add_scalar(f"{prefix}/{metric}", float(value), global_step=int(row["nfe"]))
+        finally:
+            writer.close()
+        written.append(run)
+    return written
+
+
 def write_reports(rows: Sequence[Row], grids: Grids, out_dir: str | Path, title: str = "") -> Dict[str, Path]:
     """``results.csv``, ``results.md``, ``fid_vs_nfe.png``, ``fd_ref_vs_nfe.png``,
     ``traj_rmse_vs_nfe.png``, ``traj_rmse_vs_flops.png``, ``grids/*.png`` in ``out_dir``.

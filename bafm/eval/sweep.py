@@ -30,7 +30,7 @@ from bafm.eval.distributed import init_from_env, world_info
 from bafm.eval.engine import SweepResult
 from bafm.eval.inputs import build_sweep_engine, check_sweep_inputs
 from bafm.eval.plan import SweepInputError
-from bafm.eval.report import NpzSampleWriter, log_tensorboard, markdown_table, write_reports
+from bafm.eval.report import NpzSampleWriter, log_solver_runs, log_tensorboard, markdown_table, write_reports
 from bafm.experiment import describe_sidenet, load_models
 from bafm.errors import Interrupted
 from bafm.io import OutputFolderError, atomic_write_text, check_output_folder, replace_folder, staging_folder
@@ -140,7 +140,8 @@ def sweep(
 
 
 def _log_tensorboard(folder: Path, result: SweepResult) -> None:
-    """Scalars per solver with step = NFE, and the grids, under ``folder``."""
+    """Scalars per solver with step = NFE, and the grids, under ``folder``; one run per solver under
+    ``folder/solvers/`` (a coloured line per solver on each metric's chart)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(folder))
@@ -148,6 +149,7 @@ def _log_tensorboard(folder: Path, result: SweepResult) -> None:
         log_tensorboard(writer, result.rows, result.grids)
     finally:
         writer.close()
+    log_solver_runs(folder / "solvers", result.rows)
 
 
 def run(cfg: ExperimentConfig, out: Optional[str] = None) -> int:

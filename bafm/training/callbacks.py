@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -62,11 +64,31 @@ class NFESweepCallback(Callback):
         """Custom-scalars charts: per metric and budget, every callback solver over training steps."""
         ec = self.evaluation
         charts = {}
+        # sFID needs Inception's spatial features; other extractors leave it blank.
+        metrics = [m for m in CALLBACK_METRICS if m != "sfid" or ec.feature_extractor == "inception"]
         for metric, label in DASHBOARD_METRICS:
-            if metric in CALLBACK_METRICS:
+            if metric in metrics:
                 for nfe in ec.callback_budgets:
                     charts[f"{label} at {nfe} NFE"] = ["Multiline", [rf"^sweep/{metric}/.*_nfe{int(nfe)}$"]]
         return {"BA vs baselines during training": charts}
+
+    @staticmethod
+    def _log_solver_runs(folder: Path, rows: Any, step: int) -> None:
+        """One TensorBoard run per solver (``<log_dir>/solvers/<solver>``) with tags ``sweep/<metric>_nfe<N>``:
+        each metric at each budget is one chart over training steps with a coloured line per solver."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        for solver in dict.fromkeys(row["solver"] for row in rows):
+            if solver == "reference":
+                continue
+            writer = SummaryWriter(log_dir=str(folder / solver))
+            try:
+                for row in (r for r in rows if r["solver"] == solver):
+                    for key in CALLBACK_METRICS:
+                        if row.get(key) is not None and not math.isnan(float(row[key])):
+                            writer.add_scalar(f"sweep/{key}_nfe{row['nfe']}", float(row[key]), global_step=step)
+            finally:
+                writer.close()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -124,6 +146,9 @@ class NFESweepCallback(Callback):
         if experiment is not None and hasattr(experiment, "add_image"):
             for (solver, nfe), grid in result.grids.items():
                 experiment.add_image(f"samples/{solver}_nfe{nfe}", grid, global_step=step)
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if log_dir is not None:
+            self._log_solver_runs(Path(log_dir) / "solvers", result.rows, step)
         atomic_write_text(self.out_dir / f"step{step:07d}.csv", rows_to_csv(result.rows))
         summary = ", ".join(f"{k.split('/', 2)[2]} {k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
                             if k.startswith(("sweep/fd_ref/", "sweep/traj_rmse/")))

@@ -23,6 +23,6 @@ profile=$(mktemp -d)
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$profile" \
     --window-size=1500,1900 --virtual-time-budget=30000 --screenshot="$out" \
-    "http://127.0.0.1:$port/?darkMode=false#custom_scalars" >/dev/null 2>&1
+    "http://127.0.0.1:$port/?darkMode=false#${TAB:-custom_scalars}" >/dev/null 2>&1
 rm -rf "$profile"
 echo "wrote $out"
