@@ -67,7 +67,7 @@ def build_probe_set(
     *,
     num_samples: int = 128,
     budgets: Sequence[int] = (5, 10),
-    max_substep: float = 0.01,
+    max_substep: float = 0.02,
     seed: int = SIDE_ERROR_SEED,
     device: torch.device | str = "cpu",
 ) -> ProbeSet:
