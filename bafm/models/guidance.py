@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from bafm.models.anchor_features import AnchorFn, plain_anchor
+from bafm.models.text_condition import Condition, concat_conditions, condition_batch_size, repeat_condition
 from bafm.solvers.counting import stack_rows
 
 # backbone.velocity(x, t, y) -> v; sidenet.velocity(x, v, t, h, y[, features=]) -> v_hat at t - h.
@@ -138,40 +139,48 @@ class AnchorMemo:
 
 
 class GuidedVelocity:
-    """``velocity_fn(x, t)`` for a fixed label batch, with optional CFG.
+    """``velocity_fn(x, t)`` for a fixed batch of conditions, with optional CFG.
 
-    Without guidance each call is ``backbone(x, t, y)`` on batch ``B``. With guidance the backbone
-    sees the doubled batch whenever some row is guided, or always when a SideNet is paired (it
-    needs the raw pair at every anchor, since its nodes may fall inside the interval). With a
-    SideNet, every call's ``AnchorRecord`` goes to ``memo``.
+    A condition is class labels ``(B,)`` (unconditional: the null class) or a text condition
+    (``bafm.models.text_condition``; unconditional: the negative prompt's encoding): anything the
+    ``text_condition`` helpers repeat and join along the batch axis.
+
+    Without guidance each call is ``backbone(x, t, cond)`` on batch ``B``. With guidance the backbone
+    sees the doubled batch ``(cond, uncond)`` whenever some row is guided, or always when a SideNet
+    is paired (it needs the raw pair at every anchor, since its nodes may fall inside the interval).
+    With a SideNet, every call's ``AnchorRecord`` goes to ``memo``.
     """
 
     def __init__(
         self,
         anchor: AnchorFn,
-        y: Tensor,
-        null_class: int,
+        cond: Condition,
+        uncond: Optional[Condition],
         cfg_scale: float,
         interval: Optional[Tuple[float, float]],
         memo: Optional[AnchorMemo],
+        what: str = "len(y)",
     ) -> None:
         self.anchor = anchor
-        self.y = y
-        self.y_pair = torch.cat([y, torch.full_like(y, null_class)])
+        self.cond = cond
+        self.batch = condition_batch_size(cond)
         self.cfg_scale = float(cfg_scale)
         self.interval = interval
         self.guided = self.cfg_scale != 1.0 and (interval is None or interval[0] < interval[1])
+        self.pair = concat_conditions([cond, uncond]) if self.guided else None
         self.memo = memo
+        self.what = what  # what the batch size counts, for the error message
 
-    def labels(self, x: Tensor, doubled: bool) -> Tensor:
-        """The labels of a call on ``x``: ``(y)``, or ``(y, null)`` for the doubled batch."""
-        batch = self.y.shape[0]
-        if x.shape[0] != batch:
+    def labels(self, x: Tensor, doubled: bool) -> Condition:
+        """The condition of a call on ``x``: ``cond``, or ``(cond, uncond)`` for the doubled batch."""
+        if x.shape[0] != self.batch:
             raise ValueError(
-                f"guided closure built for batch {batch} (len(y)), called with x of batch {x.shape[0]}"
+                f"guided closure built for batch {self.batch} ({self.what}), called with x of batch {x.shape[0]}"
             )
-        labels = self.y_pair if doubled else self.y
-        return labels if labels.device == x.device else labels.to(x.device)
+        cond = self.pair if doubled else self.cond
+        if isinstance(cond, Tensor) and cond.device != x.device:
+            cond = cond.to(x.device)
+        return cond
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """Velocity at ``(x, t)``: ``x`` ``(B, ...)``, ``t`` ``(B,)``; returns ``(B, ...)``."""
@@ -219,13 +228,15 @@ class GuidedSide:
         k, batch, vel = len(offsets), x.shape[0], self.velocity
         record = AnchorRecord(v) if self.memo is None else self.memo.recall(v)
         if record.raw is None:
-            xs, vs, ts, ys, fs = stack_rows(k, x, v, t, vel.labels(x, doubled=False), record.features)
+            xs, vs, ts, fs = stack_rows(k, x, v, t, record.features)
+            ys = repeat_condition(vel.labels(x, doubled=False), k)
             out = self._call(xs, vs, ts, torch.cat(list(offsets)), ys, fs)
             return list(out.split(batch))
         v_cond, v_uncond = record.raw
         # Rows: [x | x] per offset, offset-major, so chunk 2j is cond and 2j+1 uncond of offset j.
-        xs, vs, ts, ys, fs = stack_rows(k, torch.cat([x, x]), torch.cat([v_cond, v_uncond]),
-                                        torch.cat([t, t]), vel.labels(x, doubled=True), record.features)
+        xs, vs, ts, fs = stack_rows(k, torch.cat([x, x]), torch.cat([v_cond, v_uncond]), torch.cat([t, t]),
+                                    record.features)
+        ys = repeat_condition(vel.labels(x, doubled=True), k)  # (cond, uncond) per offset
         out = self._call(xs, vs, ts, torch.cat([h for h in offsets for _ in range(2)]), ys, fs)
         chunks = out.split(batch)
         return [
@@ -280,6 +291,7 @@ def build_sampling_fns(
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
     guided = float(cfg_scale) != 1.0 and (interval is None or interval[0] < interval[1])
     memo = AnchorMemo() if side_velocity is not None and (guided or anchor is not None) else None
-    velocity = GuidedVelocity(anchor or plain_anchor(backbone_velocity), y, int(null_class), cfg_scale, interval, memo)
+    velocity = GuidedVelocity(anchor or plain_anchor(backbone_velocity), y, torch.full_like(y, int(null_class)),
+                              cfg_scale, interval, memo)
     side = GuidedSide(side_velocity, velocity) if side_velocity is not None else None
     return velocity, side

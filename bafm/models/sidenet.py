@@ -124,6 +124,35 @@ class SideAttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
+def side_blocks(channels: int, emb_dim: int, depth: int, num_heads: int) -> nn.ModuleList:
+    """The SideNet body: ``depth`` residual blocks, block ``depth // 2`` an attention block."""
+    return nn.ModuleList(
+        SideAttentionBlock(channels, emb_dim, num_heads) if i == depth // 2 else SideResBlock(channels, emb_dim)
+        for i in range(depth)
+    )
+
+
+def zero_init(*layers: nn.Module) -> None:
+    """Zero the weights and biases of ``layers`` (skipped on the meta device, which holds no values)."""
+    for layer in layers:
+        if not layer.weight.is_meta:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+def broadcast_times(t: torch.Tensor | float, h: torch.Tensor | float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` and ``h`` as ``(B,)`` tensors on ``x``'s device (a scalar is broadcast to the batch)."""
+    t, h = torch.as_tensor(t, device=x.device), torch.as_tensor(h, device=x.device)
+    return (t.expand(x.shape[0]) if t.ndim == 0 else t), (h.expand(x.shape[0]) if h.ndim == 0 else h)
+
+
+def run_body(blocks: nn.ModuleList, output_conv: nn.Conv2d, feat: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Blocks, final RMSNorm, SiLU and output conv: ``(B, channels, H, W)`` features -> velocity change."""
+    for block in blocks:
+        feat = block(feat, emb)
+    return output_conv(F.silu(channel_rms_norm(feat)))
+
+
 class SideNet(nn.Module):
     """Predicts the velocity at ``t - h`` given the state and velocity at ``t``.
 
@@ -192,21 +221,14 @@ class SideNet(nn.Module):
             nn.Linear(emb_dim, emb_dim),
         )
         self.input_conv = nn.Conv2d(2 * in_channels, channels, 3, padding=1, bias=False)
-        self.blocks = nn.ModuleList(
-            SideAttentionBlock(channels, emb_dim, num_heads) if i == depth // 2 else SideResBlock(channels, emb_dim)
-            for i in range(depth)
-        )
+        self.blocks = side_blocks(channels, emb_dim, depth, num_heads)
         self.output_conv = nn.Conv2d(channels, in_channels, 3, padding=1)
         if feature_dim:
             self.feature_map = nn.Linear(feature_dim, channels)  # per token -> its patch's pixels
             self.feature_emb = nn.Linear(feature_dim, emb_dim)  # pooled -> the fused embedding
         # Zero output: the SideNet starts as the identity S(x, v, t, h) = v; zero feature maps:
         # training starts from the feature-free network.
-        if not self.output_conv.weight.is_meta:
-            zeroed = [self.output_conv] + ([self.feature_map, self.feature_emb] if feature_dim else [])
-            for layer in zeroed:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        zero_init(self.output_conv, *([self.feature_map, self.feature_emb] if feature_dim else []))
 
     @property
     def uses_backbone_features(self) -> bool:
@@ -254,9 +276,7 @@ class SideNet(nn.Module):
         Returns:
             The offset, proportional to ``h``, shape ``(B, C, H, W)``.
         """
-        t, h = torch.as_tensor(t, device=x.device), torch.as_tensor(h, device=x.device)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        h = h.expand(x.shape[0]) if h.ndim == 0 else h
+        t, h = broadcast_times(t, h, x)
         emb = torch.cat([self.t_embedder(t), self.h_embedder(h), self.y_embedder(y)], dim=-1)  # (B, 3E)
         emb = self.emb_fusion(emb)  # (B, E)
         feat = self.input_conv(torch.cat([x, v], dim=1))  # (B, channels, H, W)
@@ -264,9 +284,7 @@ class SideNet(nn.Module):
             spatial, pooled = self._feature_inputs(features, x)
             feat = feat + spatial.to(feat.dtype).contiguous(memory_format=_layout(feat))
             emb = emb + pooled.to(emb.dtype)
-        for block in self.blocks:
-            feat = block(feat, emb)
-        delta = self.output_conv(F.silu(channel_rms_norm(feat)))  # (B, C, H, W)
+        delta = run_body(self.blocks, self.output_conv, feat, emb)  # (B, C, H, W)
         return delta * h.reshape(-1, 1, 1, 1).to(delta.dtype)
 
     def velocity(

@@ -28,7 +28,7 @@ from torch import nn
 
 from bafm.models.checkpoint_io import CheckpointError, cast_state_dict, check_against, load_weights, read_config, write_weights
 from bafm.models.layers import TimestepEmbedder
-from bafm.models.sidenet import SideAttentionBlock, SideResBlock, channel_rms_norm
+from bafm.models.sidenet import broadcast_times, run_body, side_blocks, zero_init
 from bafm.models.text_condition import Condition, pooled_embedding
 
 TEXT_SIDENET_FORMAT = "bafm-text-sidenet"
@@ -94,15 +94,9 @@ class TextSideNet(nn.Module):
         self.text_embedder = nn.Linear(pooled_dim, emb_dim)
         self.emb_fusion = nn.Sequential(nn.Linear(3 * emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.input_conv = nn.Conv2d(2 * folded, channels, 3, padding=1, bias=False)
-        self.blocks = nn.ModuleList(
-            SideAttentionBlock(channels, emb_dim, num_heads) if i == depth // 2 else SideResBlock(channels, emb_dim)
-            for i in range(depth)
-        )
+        self.blocks = side_blocks(channels, emb_dim, depth, num_heads)
         self.output_conv = nn.Conv2d(channels, folded, 3, padding=1)
-        # Zero output: the SideNet starts as the identity S(x, v, t, h) = v.
-        if not self.output_conv.weight.is_meta:
-            nn.init.zeros_(self.output_conv.weight)
-            nn.init.zeros_(self.output_conv.bias)
+        zero_init(self.output_conv)  # zero output: the SideNet starts as the identity S(x, v, t, h) = v
 
     def forward(
         self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor | float, cond: Condition
@@ -120,9 +114,7 @@ class TextSideNet(nn.Module):
         Returns:
             The offset, proportional to ``h``, shape ``(B, C, H, W)``.
         """
-        t, h = torch.as_tensor(t, device=x.device), torch.as_tensor(h, device=x.device)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        h = h.expand(x.shape[0]) if h.ndim == 0 else h
+        t, h = broadcast_times(t, h, x)
         pooled = pooled_embedding(cond)
         if pooled.dim() != 2 or pooled.shape != (x.shape[0], self.pooled_dim):
             raise ValueError(
@@ -135,9 +127,7 @@ class TextSideNet(nn.Module):
             raise ValueError(f"latents of size {tuple(x.shape[-2:])} are not divisible by the SideNet's patch_size {p}")
         xv = torch.cat([F.pixel_unshuffle(x, p), F.pixel_unshuffle(v, p)] if p > 1 else [x, v], dim=1)
         feat = self.input_conv(xv)  # (B, channels, H / p, W / p)
-        for block in self.blocks:
-            feat = block(feat, emb)
-        delta = self.output_conv(F.silu(channel_rms_norm(feat)))  # (B, C p^2, H / p, W / p)
+        delta = run_body(self.blocks, self.output_conv, feat, emb)  # (B, C p^2, H / p, W / p)
         delta = F.pixel_shuffle(delta, p) if p > 1 else delta  # (B, C, H, W)
         return delta * h.reshape(-1, 1, 1, 1).to(delta.dtype)
 
