@@ -26,7 +26,7 @@ import io
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List
 
 import numpy as np
 import torch

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from bafm.models.anchor_features import AnchorFn
 from bafm.models.text_condition import Condition, repeat_condition
